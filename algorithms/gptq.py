@@ -1,0 +1,72 @@
+"""GPTQ: Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers" (ICLR 2023), Algorithm 1 with lazy batch updates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from algorithms import grid
+from algorithms.rtn import assemble
+from algorithms.types import QuantizedWeight, UniformScheme
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """damp: fraction of the mean Hessian diagonal added to it; block_size: lazy-batch width."""
+
+    damp: float = 0.01
+    block_size: int = 128
+
+
+def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in float64 for stability."""
+    H = H.double().clone()  # [in, in]
+    H.diagonal().add_(damp * H.diagonal().mean())
+    L = torch.linalg.cholesky(H)
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+
+
+def gptq(
+    W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQConfig = GPTQConfig()
+) -> QuantizedWeight:
+    """Quantize W [out, in] column by column, pushing each column's error onto the columns
+    not yet quantized, weighted by the inverse Hessian H [in, in] of the layer's inputs.
+
+    Group parameters are chosen when the solve reaches a group's first column, from the
+    weights as updated so far. With H = I no error is propagated and the result equals RTN.
+    """
+    W = W.float().clone()  # [out, in]
+    out, n = W.shape
+    groups, width = scheme.groups(n), scheme.group_width(n)
+    H = H.float().clone()  # [in, in]
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Hinv = inverse_cholesky(H, config.damp)  # [in, in], upper triangular
+
+    codes = torch.zeros(out, n, dtype=torch.uint8)  # [out, in]
+    scales = torch.zeros(out, groups)  # [out, groups]
+    zeros = torch.zeros(out, groups)  # [out, groups]
+    scale = zero = torch.zeros(out)
+    for i1 in range(0, n, config.block_size):
+        i2 = min(i1 + config.block_size, n)
+        W1 = W[:, i1:i2].clone()  # [out, b]
+        Err1 = torch.zeros_like(W1)  # [out, b]
+        Hinv1 = Hinv[i1:i2, i1:i2]  # [b, b]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % width == 0:
+                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :width]  # [out, width]
+                scale, zero = grid.find_params(ahead, scheme)
+                scales[:, col // width], zeros[:, col // width] = scale, zero
+            w = W1[:, i]  # [out]
+            q = grid.quantize(w, scale, zero, scheme.maxq)  # [out]
+            codes[:, col] = q.to(torch.uint8)
+            err = (w - grid.dequantize(q, scale, zero)) / Hinv1[i, i]  # [out]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return assemble(codes, scales, zeros, scheme)

@@ -1,0 +1,40 @@
+"""QuantLinear: an nn.Linear replacement that stores a QuantizedWeight and runs it
+through a low-bit kernel (today the torch reference)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from algorithms.types import QuantizedWeight
+from kernels import reference
+
+
+class QuantLinear(nn.Module):
+    """Buffers `qweight`, `scales`, `qzeros` (and `bias`) as in the native artifact."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = qw.in_features, qw.out_features
+        self.bits, self.group_size = qw.bits, qw.group_size
+        self.register_buffer("qweight", qw.qweight)
+        self.register_buffer("scales", qw.scales)
+        self.register_buffer("qzeros", qw.zeros)
+        self.register_buffer("bias", bias)
+
+    @property
+    def quantized(self) -> QuantizedWeight:
+        return QuantizedWeight(
+            qweight=self.qweight,
+            scales=self.scales,
+            zeros=self.qzeros,
+            bits=self.bits,
+            group_size=self.group_size,
+            in_features=self.in_features,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reference.linear(x, self.quantized, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"

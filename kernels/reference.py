@@ -1,0 +1,21 @@
+"""Torch reference for the group-wise uniform format: dequantize, then matmul."""
+
+from __future__ import annotations
+
+import torch
+
+from algorithms.packing import unpack
+from algorithms.types import QuantizedWeight
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W [out, in] = scale[g(j)] * (q[j] - zero[g(j)]) with g(j) = j // group_size."""
+    codes = unpack(qw.qweight, qw.bits).to(dtype)  # [out, in]
+    scales = qw.scales.to(dtype).repeat_interleave(qw.group_size, dim=1)  # [out, in]
+    zeros = qw.zeros.to(dtype).repeat_interleave(qw.group_size, dim=1)  # [out, in]
+    return scales * (codes - zeros)
+
+
+def linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] -> [..., out] through the dequantized weight."""
+    return torch.nn.functional.linear(x, dequantize(qw, x.dtype), bias)

@@ -1,0 +1,1 @@
+"""Recipe, planning, the Ray driver, evaluation and the CLI."""

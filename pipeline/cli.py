@@ -1,0 +1,107 @@
+"""`lamina`: quantize, eval and verify. Errors are one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from pipeline.errors import LaminaError
+from pipeline.report import size, table
+from storage import StorageError
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from pipeline import recipe as recipes
+    from pipeline.driver import quantize
+
+    recipe = recipes.load(args.recipe)
+    if args.workers:
+        recipe = recipe.model_copy(update={"resources": recipe.resources.model_copy(update={"workers": args.workers})})
+    report = quantize(recipe, progress=not args.quiet)
+    rows = [
+        ("artifact", report.output),
+        ("recipe hash", report.recipe_hash[:16]),
+        ("blocks", str(report.blocks)),
+        ("source size", size(report.source_bytes)),
+        ("artifact size", size(report.artifact_bytes)),
+        *((f"{phase} seconds", f"{s:.1f}") for phase, s in report.seconds.items()),
+    ]
+    print(table(rows, "lamina quantize: done"))
+    return 0
+
+
+def eval_data(args: argparse.Namespace, artifact: str):
+    from pipeline.recipe import EvalData, Recipe, Resources
+    from storage.manifest import read_manifest
+
+    saved = Recipe.model_validate(read_manifest(artifact)["recipe"]) if args.data is None else None
+    if saved is not None and saved.eval is None:
+        raise LaminaError(f"{artifact}: its recipe names no eval data; pass --data URI")
+    base = saved.eval if saved is not None else EvalData(source=args.data)
+    update = {k: v for k, v in {"glob": args.glob, "tokens": args.tokens, "window": args.window}.items() if v}
+    resources = Resources(workers=args.workers or (saved.resources.workers if saved else 2))
+    return base.model_copy(update=update), resources
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.evaluate import evaluate
+
+    data, resources = eval_data(args, args.artifact)
+    models = [args.artifact] + ([args.against] if args.against else [])
+    reports = [evaluate(m, data, resources, progress=not args.quiet) for m in models]
+    rows = [(r.model, f"perplexity {r.perplexity:.3f} over {r.tokens} tokens ({r.seconds:.0f} s)") for r in reports]
+    print(table(rows, f"lamina eval: {data.source} ({data.tokens} tokens, windows of {data.window})"))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from storage.manifest import verify
+
+    problems = verify(args.artifact)
+    for p in problems:
+        print(f"{args.artifact}: {p}", file=sys.stderr)
+    if problems:
+        return 1
+    print(f"{args.artifact}: every file matches the manifest")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lamina", description="Distributed quantization of large language models.")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a model as a recipe says")
+    q.add_argument("recipe")
+    q.add_argument("--workers", type=int, help="override resources.workers")
+    q.set_defaults(func=cmd_quantize)
+    e = sub.add_parser("eval", help="perplexity of an artifact (and of its source) on held-out text")
+    e.add_argument("artifact")
+    e.add_argument("--against", help="the unquantized source, scored the same way")
+    e.add_argument("--data", help="text URI (default: the eval section of the artifact's recipe)")
+    e.add_argument("--glob", help="files under --data to use")
+    e.add_argument("--tokens", type=int)
+    e.add_argument("--window", type=int)
+    e.add_argument("--workers", type=int)
+    e.set_defaults(func=cmd_eval)
+    v = sub.add_parser("verify", help="re-hash every file of an artifact against its manifest")
+    v.add_argument("artifact")
+    v.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (LaminaError, StorageError) as e:
+        print(f"lamina: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

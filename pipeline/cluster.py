@@ -1,0 +1,49 @@
+"""Connecting to Ray: the cluster the environment names, else a running local one, else a
+new local one. Ray is imported only here and only when a run needs it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from types import ModuleType
+
+from pipeline.errors import LaminaError
+from pipeline.recipe import Resources
+
+log = logging.getLogger(__name__)
+
+
+def connect(resources: Resources) -> ModuleType:
+    import ray
+
+    if not ray.is_initialized():
+        address = resources.ray_address or os.environ.get("RAY_ADDRESS")
+        quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
+        if address:
+            ray.init(address=address, **quiet)
+        else:
+            try:
+                ray.init(address="auto", **quiet)
+            except ConnectionError:
+                log.info("no running Ray cluster found; starting a local one")
+                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **quiet)
+    need = resources.workers * resources.cpus_per_worker
+    have = ray.cluster_resources().get("CPU", 0)
+    if need > have:
+        raise LaminaError(
+            f"resources: {resources.workers} workers x {resources.cpus_per_worker} CPUs need {need} CPUs, "
+            f"the Ray cluster has {have:g}"
+        )
+    return ray
+
+
+def start_runners(ray: ModuleType, resources: Resources, **kwargs: object) -> list:
+    from workers.actors import block_actor
+
+    actor = block_actor(num_cpus=resources.cpus_per_worker)
+    return [actor.remote(threads=resources.cpus_per_worker, **kwargs) for _ in range(resources.workers)]
+
+
+def split(n: int, parts: int) -> list[range]:
+    """Contiguous, deterministic shares of range(n): worker w owns the w-th share."""
+    return [range(w * n // parts, (w + 1) * n // parts) for w in range(parts)]

@@ -1,0 +1,190 @@
+"""The Ray driver of a quantization run. It holds plans, object references and small
+records, never model weights: workers load, calibrate, solve, write and propagate.
+
+Per block i: every worker loads block i by range reads; each runs its chunks through it
+and returns per-chunk Hessians, summed here in chunk order (so the sum, and the artifact,
+do not depend on the number of workers); the block's linears are solved spread over the
+workers; one worker writes the shard; all install the quantized block and run their
+chunks through it to make block i+1's inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline import cluster
+from pipeline.plan import BlockPlan, Plan, make_plan
+from pipeline.recipe import Recipe
+from storage.checkpoint import Checkpoint, read_json
+from storage.fs import open_location
+from storage.manifest import write_manifest
+from storage.writer import FileRecord, put_bytes, put_json
+
+log = logging.getLogger(__name__)
+PHASES = ("load", "calibrate", "solve", "write+propagate", "publish")
+
+
+@dataclass
+class RunReport:
+    output: str
+    recipe_hash: str
+    source_bytes: int
+    artifact_bytes: int
+    blocks: int
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    files: dict[str, FileRecord] = field(default_factory=dict)
+
+
+def shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def assign_linears(block: BlockPlan, workers: int) -> list[list[str]]:
+    """Longest solve first onto the least loaded worker: deterministic, cost-balanced."""
+    shares: list[list[str]] = [[] for _ in range(workers)]
+    load = [0] * workers
+    for lin in sorted(block.linears, key=lambda lin: (-lin.solve_cost, lin.name)):
+        w = load.index(min(load))
+        shares[w].append(lin.name)
+        load[w] += lin.solve_cost
+    return shares
+
+
+def sum_in_chunk_order(per_worker: list[dict[int, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+    chunks = {c: h for part in per_worker for c, h in part.items()}
+    total: dict[str, np.ndarray] = {}
+    for c in sorted(chunks):
+        for name, h in chunks[c].items():
+            total[name] = h.copy() if name not in total else total[name] + h
+    return total
+
+
+def quantization_config(recipe: Recipe) -> dict:
+    s = recipe.scheme
+    return {
+        "quant_method": "lamina",
+        "format": "uniform",
+        "algorithm": s.algorithm,
+        "bits": s.bits,
+        "group_size": s.group_size,
+        "sym": s.sym,
+        "recipe_hash": recipe.hash(),
+    }
+
+
+class Run:
+    def __init__(self, plan: Plan, ray: object, runners: list):
+        self.plan, self.ray, self.runners = plan, ray, runners
+        recipe = plan.recipe
+        n = len(plan.blocks) + 1
+        self.report = RunReport(
+            output=plan.output_uri,
+            recipe_hash=recipe.hash(),
+            source_bytes=plan.source_bytes,
+            artifact_bytes=0,
+            blocks=len(plan.blocks),
+        )
+        self.shards = [shard_name(i, n) for i in range(n)]
+        self.weight_map: dict[str, str] = {}
+
+    def timed(self, phase: str, refs: list) -> list:
+        start = time.perf_counter()
+        out = self.ray.get(refs)
+        self.report.seconds[phase] += time.perf_counter() - start
+        return out
+
+    def record(self, file_and_names: tuple[FileRecord, list[str]]) -> None:
+        record, names = file_and_names
+        self.report.files[record.name] = record
+        self.weight_map.update(dict.fromkeys(names, record.name))
+
+    def set_inputs(self) -> None:
+        tokens, chunk = self.plan.calibration, self.plan.recipe.calibration.chunk_size
+        chunks = {c: tokens[c * chunk : (c + 1) * chunk] for c in range(-(-len(tokens) // chunk))}
+        shares = cluster.split(len(chunks), len(self.runners))
+        self.timed("load", [r.set_inputs.remote({c: chunks[c] for c in s}) for r, s in zip(self.runners, shares)])
+
+    def block(self, block: BlockPlan) -> None:
+        plan, scheme = self.plan, self.plan.recipe.scheme
+        self.timed("load", [r.load_block.remote(block.index) for r in self.runners])
+        hessians = None
+        if plan.needs_calibration:
+            per_worker = self.timed("calibrate", [r.calibrate.remote() for r in self.runners])
+            hessians = self.ray.put(sum_in_chunk_order(per_worker))
+        tokens = 0 if plan.calibration is None else plan.calibration.size
+        start = time.perf_counter()
+        solved = [
+            runner.solve.remote(
+                share, hessians, tokens=tokens, algorithm=scheme.algorithm, scheme=scheme.grid, options=scheme.options
+            )
+            for runner, share in zip(self.runners, assign_linears(block, len(self.runners)))
+            if share
+        ]
+        self.ray.wait(solved, num_returns=len(solved), fetch_local=False)
+        self.report.seconds["solve"] += time.perf_counter() - start
+        written = self.runners[0].write_block.remote(plan.output_uri, self.shards[block.index], *solved)
+        last = block.index == len(plan.blocks) - 1
+        propagated = []
+        if plan.needs_calibration and not last:
+            propagated = [r.install.remote(scheme.grid, *solved) for r in self.runners]
+            propagated += [r.forward.remote() for r in self.runners]
+        self.record(self.timed("write+propagate", [written, *propagated])[0])
+
+    def publish(self) -> None:
+        plan, recipe = self.plan, self.plan.recipe
+        start = time.perf_counter()
+        self.record(self.ray.get(self.runners[0].copy_tensors.remote(plan.output_uri, self.shards[-1], list(plan.other_tensors))))
+        source, output = open_location(plan.source_uri), open_location(plan.output_uri)
+        config = {**read_json(source, "config.json"), "quantization_config": quantization_config(recipe)}
+        records = [put_json(output, "config.json", config)]
+        records.append(put_json(output, "model.safetensors.index.json", {"metadata": {}, "weight_map": self.weight_map}))
+        for name in Checkpoint(plan.source_uri).side_files():
+            records.append(put_bytes(output, name, source.read_bytes(name)))
+        for r in records:
+            self.report.files[r.name] = r
+        self.report.artifact_bytes = sum(r.size for r in self.report.files.values())
+        write_manifest(
+            output,
+            list(self.report.files.values()),
+            recipe=recipe.model_dump(mode="json"),
+            recipe_hash=self.report.recipe_hash,
+            source={"uri": plan.source_uri, "fingerprint": plan.fingerprint},
+            versions=versions(),
+            seconds={k: round(v, 3) for k, v in self.report.seconds.items()},
+        )
+        self.report.seconds["publish"] += time.perf_counter() - start
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    names = ("lamina", "torch", "transformers", "safetensors", "ray")
+    return {"python": platform.python_version(), **{n: version(n) for n in names}}
+
+
+def quantize(recipe: Recipe, *, progress: bool = True) -> RunReport:
+    """Plan (all checks before any work), then quantize block by block on Ray, then publish."""
+    plan = make_plan(recipe)
+    ray = cluster.connect(recipe.resources)
+    runners = cluster.start_runners(ray, recipe.resources, model_uri=plan.source_uri, layout=plan.layout)
+    run = Run(plan, ray, runners)
+    try:
+        if plan.needs_calibration:
+            run.set_inputs()
+        bar = tqdm(plan.blocks, desc="quantize", unit="block", disable=not progress)
+        for block in bar:
+            run.block(block)
+            bar.set_postfix_str(f"block {block.index} written")
+        bar.close()
+        run.publish()
+    finally:
+        for r in runners:
+            ray.kill(r)
+    return run.report

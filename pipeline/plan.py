@@ -1,0 +1,131 @@
+"""Planning: everything that can be checked before a worker starts. Reads config.json,
+the index and the safetensors headers (range reads only), the calibration text, and the
+output location; refuses what cannot run with one line that names the problem."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from algorithms import NEEDS_HESSIAN
+from pipeline.architectures import layout_for
+from pipeline.data import load_tokenizer, sequences, token_stream
+from pipeline.errors import LaminaError
+from pipeline.recipe import Recipe
+from storage import StorageError
+from storage.checkpoint import Checkpoint
+from storage.fs import open_location
+from storage.manifest import MANIFEST
+from workers.layout import BlockLayout
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    name: str  # inside the block, e.g. "self_attn.q_proj"
+    out_features: int
+    in_features: int
+
+    @property
+    def solve_cost(self) -> int:
+        """GPTQ's work grows as in^2 * (in + out): Cholesky plus the column sweep."""
+        return self.in_features**2 * (self.in_features + self.out_features)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    index: int
+    linears: tuple[LinearPlan, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    recipe: Recipe
+    source_uri: str
+    output_uri: str
+    layout: BlockLayout
+    blocks: tuple[BlockPlan, ...]
+    other_tensors: tuple[str, ...]  # outside the blocks: embeddings, final norm, head
+    source_bytes: int
+    fingerprint: str
+    calibration: np.ndarray | None  # token ids [samples, seq_len], None when not needed
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.calibration is not None
+
+
+def open_checkpoint(uri: str) -> Checkpoint:
+    try:
+        return Checkpoint(uri)
+    except StorageError as e:
+        raise LaminaError(str(e)) from None
+
+
+def _block_plan(source: Checkpoint, layout: BlockLayout, index: int) -> BlockPlan:
+    prefix = layout.block(index)
+    linears = []
+    for name in layout.linears:
+        entry = source.entry(f"{prefix}{name}.weight")
+        if len(entry.shape) != 2:
+            raise LaminaError(f"{source.uri}: {prefix}{name}.weight is not a matrix (shape {entry.shape})")
+        linears.append(LinearPlan(name=name, out_features=entry.shape[0], in_features=entry.shape[1]))
+    return BlockPlan(index=index, linears=tuple(linears), nbytes=source.bytes_of(source.names(prefix)))
+
+
+def _check_packable(recipe: Recipe, blocks: tuple[BlockPlan, ...], layout: BlockLayout) -> None:
+    scheme = recipe.scheme
+    per_word = 32 // scheme.bits
+    bad = [
+        f"{layout.block(b.index)}{lin.name} ({lin.in_features})"
+        for b in blocks
+        for lin in b.linears
+        if (scheme.group_size and lin.in_features % scheme.group_size) or lin.in_features % per_word
+    ]
+    if bad:
+        raise LaminaError(
+            f"scheme.group_size {scheme.group_size} does not divide the input size of {len(bad)} linears, "
+            f"e.g. {', '.join(bad[:3])}; choose a group size that divides them (or 0 for per-channel)"
+        )
+
+
+def _calibration(recipe: Recipe) -> np.ndarray | None:
+    if not NEEDS_HESSIAN[recipe.scheme.algorithm]:
+        return None
+    cal = recipe.calibration
+    if cal is None:
+        raise LaminaError(f"calibration: required by scheme.algorithm {recipe.scheme.algorithm!r}")
+    stream = token_stream(
+        uri=cal.source, pattern=cal.glob, tokenizer=load_tokenizer(recipe.model), needed=cal.tokens, what="calibration"
+    )
+    return sequences(stream, count=cal.samples, length=cal.seq_len)
+
+
+def make_plan(recipe: Recipe) -> Plan:
+    """Check the source, the scheme against every layer, the output and the calibration data."""
+    source = open_checkpoint(recipe.model)
+    layout = layout_for(source.config)
+    n_blocks = source.config.get("num_hidden_layers")
+    if not isinstance(n_blocks, int) or n_blocks < 1:
+        raise LaminaError(f"{source.uri}/config.json: num_hidden_layers missing or invalid")
+    try:
+        blocks = tuple(_block_plan(source, layout, i) for i in range(n_blocks))
+    except StorageError as e:
+        raise LaminaError(str(e)) from None
+    _check_packable(recipe, blocks, layout)
+    output = open_location(recipe.output)
+    if output.exists(MANIFEST):
+        raise LaminaError(f"output {output.uri} already holds a published artifact; choose a new output URI")
+    block_names = {n for b in blocks for n in source.names(layout.block(b.index))}
+    return Plan(
+        recipe=recipe,
+        source_uri=source.uri,
+        output_uri=output.uri,
+        layout=layout,
+        blocks=blocks,
+        other_tensors=tuple(n for n in source.names() if n not in block_names),
+        source_bytes=source.total_bytes,
+        fingerprint=source.fingerprint,
+        calibration=_calibration(recipe),
+    )

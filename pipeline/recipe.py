@@ -1,0 +1,124 @@
+"""The recipe: one YAML file, validated strictly. Unknown keys and bad values are errors
+that name the field; every recipe has a stable hash of what determines the result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from algorithms import GPTQConfig, UniformScheme
+from pipeline.errors import LaminaError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TextData(Strict):
+    """Text files under a URI (a file, or a folder filtered by `glob`), sorted by path and
+    joined with a blank line. `.jsonl` files contribute their rows' `text` field."""
+
+    source: str
+    glob: str = "**"
+
+
+class Calibration(TextData):
+    samples: int = Field(64, ge=1)
+    seq_len: int = Field(512, ge=16, le=65536)
+    chunk_size: int = Field(8, ge=1, description="sequences per chunk, the unit of data parallelism")
+
+    @property
+    def tokens(self) -> int:
+        return self.samples * self.seq_len
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.samples // self.chunk_size)
+
+
+class EvalData(TextData):
+    tokens: int = Field(16384, ge=2)
+    window: int = Field(1024, ge=2)
+
+    @property
+    def windows(self) -> int:
+        return self.tokens // self.window
+
+
+class Scheme(Strict):
+    algorithm: Literal["gptq", "rtn"] = "gptq"
+    bits: Literal[2, 4, 8] = 4
+    group_size: int = Field(128, ge=0, description="columns per group; 0 = per-channel")
+    sym: bool = True
+    damp: float = Field(0.01, gt=0, lt=1)
+    block_size: int = Field(128, ge=1)
+
+    @field_validator("group_size")
+    @classmethod
+    def _power_of_two(cls, v: int) -> int:
+        if v and v & (v - 1):
+            raise ValueError("must be 0 (per-channel) or a power of two such as 32, 64, 128")
+        return v
+
+    @property
+    def grid(self) -> UniformScheme:
+        return UniformScheme(bits=self.bits, group_size=self.group_size, sym=self.sym)
+
+    @property
+    def options(self) -> GPTQConfig:
+        return GPTQConfig(damp=self.damp, block_size=self.block_size)
+
+
+class Resources(Strict):
+    workers: int = Field(2, ge=1)
+    cpus_per_worker: int = Field(1, ge=1)
+    ray_address: str | None = None
+
+
+class Recipe(Strict):
+    model: str = Field(description="URI of the source checkpoint (safetensors + config.json)")
+    output: str = Field(description="URI where the quantized artifact is written")
+    calibration: Calibration | None = None
+    scheme: Scheme = Scheme()
+    eval: EvalData | None = None
+    resources: Resources = Resources()
+
+    def hash(self) -> str:
+        """sha256 of everything that determines the artifact's bytes (not output or resources)."""
+        doc = self.model_dump(mode="json", exclude={"output", "resources", "eval"})
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def describe(error: ValidationError, source: str) -> str:
+    """Pydantic's errors as one line: 'recipe.yaml: scheme.bits: Input should be 2, 4 or 8'."""
+    parts = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{where}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def parse(doc: object, source: str = "recipe") -> Recipe:
+    if not isinstance(doc, dict):
+        raise LaminaError(f"{source}: expected a mapping of recipe fields")
+    try:
+        return Recipe.model_validate(doc)
+    except ValidationError as e:
+        raise LaminaError(describe(e, source)) from None
+
+
+def load(path: str) -> Recipe:
+    file = Path(path)
+    if not file.is_file():
+        raise LaminaError(f"recipe not found: {path}")
+    try:
+        doc = yaml.safe_load(file.read_text())
+    except yaml.YAMLError as e:
+        raise LaminaError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse(doc, path)

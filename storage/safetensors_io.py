@@ -1,0 +1,118 @@
+"""Safetensors by range reads: the header is parsed from the first bytes of a file and
+each tensor is fetched by its byte range, so reading one block of a sharded 70B
+checkpoint transfers about that block's bytes, not the files.
+
+Format: 8-byte little-endian header length N, N bytes of JSON
+{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from storage.fs import Location, StorageError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # offset from the start of the data section
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    file: str
+    data_start: int
+    entries: dict[str, TensorEntry]
+    raw: bytes  # the header bytes as stored, for fingerprints
+
+    @property
+    def data_bytes(self) -> int:
+        return max((e.end for e in self.entries.values()), default=0)
+
+
+def _entry(file: str, name: str, spec: object) -> TensorEntry:
+    if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
+        raise StorageError(f"{file}: malformed header entry for tensor {name!r}")
+    dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
+    if dtype not in DTYPES:
+        raise StorageError(f"{file}: tensor {name!r} has unsupported dtype {dtype!r}")
+    ints = [*shape, *offsets]
+    if not all(isinstance(v, int) and v >= 0 for v in ints) or len(offsets) != 2:
+        raise StorageError(f"{file}: tensor {name!r} has a bad shape or offsets")
+    begin, end = offsets
+    expected = math.prod(shape) * torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    if end - begin != expected:
+        raise StorageError(f"{file}: tensor {name!r} spans {end - begin} bytes, its shape needs {expected}")
+    return TensorEntry(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+
+def read_header(location: Location, file: str) -> SafetensorsHeader:
+    """Parse and check a file's header with two small range reads; refuse truncated files."""
+    size = location.size(file)
+    if size < 8:
+        raise StorageError(f"{location.uri}/{file}: truncated safetensors file ({size} bytes)")
+    (n,) = struct.unpack("<Q", location.read_bytes(file, 0, 8))
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise StorageError(f"{location.uri}/{file}: truncated or corrupt safetensors header")
+    raw = location.read_bytes(file, 8, 8 + n)
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise StorageError(f"{location.uri}/{file}: safetensors header is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise StorageError(f"{location.uri}/{file}: safetensors header is not a JSON object")
+    doc.pop("__metadata__", None)
+    entries = {name: _entry(f"{location.uri}/{file}", name, spec) for name, spec in doc.items()}
+    header = SafetensorsHeader(file=file, data_start=8 + n, entries=entries, raw=raw)
+    if header.data_start + header.data_bytes != size:
+        raise StorageError(
+            f"{location.uri}/{file}: truncated safetensors file: header describes "
+            f"{header.data_start + header.data_bytes} bytes, the file has {size}"
+        )
+    return header
+
+
+def read_tensors(location: Location, header: SafetensorsHeader, names: list[str]) -> dict[str, torch.Tensor]:
+    """Fetch the named tensors, coalescing adjacent byte ranges into one read each."""
+    wanted = sorted(names, key=lambda name: header.entries[name].begin)
+    out: dict[str, torch.Tensor] = {}
+    run: list[str] = []
+    for name in wanted + [None]:  # type: ignore[list-item]
+        if run and (name is None or header.entries[name].begin != header.entries[run[-1]].end):
+            begin, end = header.entries[run[0]].begin, header.entries[run[-1]].end
+            data = location.read_bytes(header.file, header.data_start + begin, header.data_start + end)
+            for member in run:
+                e = header.entries[member]
+                piece = bytearray(data[e.begin - begin : e.end - begin])
+                flat = torch.frombuffer(piece, dtype=DTYPES[e.dtype]) if piece else torch.empty(0, dtype=DTYPES[e.dtype])
+                out[member] = flat.reshape(e.shape)
+            run = []
+        if name is not None:
+            run.append(name)
+    return out

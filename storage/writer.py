@@ -1,0 +1,35 @@
+"""Writing artifact files: each file is written whole and its sha256 and size recorded,
+so the manifest can be assembled without reading anything back."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import save
+
+from storage.fs import Location, open_location
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    name: str
+    sha256: str
+    size: int
+
+
+def put_bytes(location: Location, name: str, data: bytes) -> FileRecord:
+    location.write_bytes(name, data)
+    return FileRecord(name=name, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+
+
+def put_json(location: Location, name: str, doc: dict) -> FileRecord:
+    return put_bytes(location, name, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+
+
+def put_tensors(uri: str, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> FileRecord:
+    """Serialize tensors as one safetensors file (deterministic bytes for equal inputs)."""
+    data = save({k: v.contiguous() for k, v in sorted(tensors.items())}, metadata=metadata)
+    return put_bytes(open_location(uri), name, data)

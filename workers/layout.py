@@ -1,0 +1,37 @@
+"""How a decoder architecture is laid out, as data: where its blocks live, which of their
+linears share an input (and so a Hessian), in quantization order."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import ModuleType
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    modeling_module: str  # a module under transformers.models
+    layer_class: str  # the decoder block
+    rotary_class: str  # rotary position embedding, run once per sequence length
+    norm_class: str  # the final norm before the LM head
+    groups: tuple[tuple[str, ...], ...]  # linears sharing an input, in quantization order
+    block_prefix: str = "model.layers"
+    embed: str = "model.embed_tokens.weight"
+    final_norm: str = "model.norm.weight"
+    lm_head: str = "lm_head.weight"
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return tuple(name for group in self.groups for name in group)
+
+    def group_of(self, linear: str) -> str:
+        """The group's first linear names the group (its Hessian is shared)."""
+        return next(group[0] for group in self.groups if linear in group)
+
+    def block(self, index: int) -> str:
+        return f"{self.block_prefix}.{index}."
+
+    def module(self) -> ModuleType:
+        if not self.modeling_module.startswith("transformers.models."):
+            raise ValueError(f"refusing to import modeling code outside transformers: {self.modeling_module}")
+        return importlib.import_module(self.modeling_module)
