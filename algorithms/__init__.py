@@ -30,4 +30,4 @@ Quantizer = Callable[[torch.Tensor, torch.Tensor | None, UniformScheme, GPTQConf
 QUANTIZERS: dict[str, Quantizer] = {"rtn": _rtn, "gptq": _gptq}
 NEEDS_HESSIAN = {"rtn": False, "gptq": True}
 
-__all__ = ["QUANTIZERS", "NEEDS_HESSIAN", "GPTQConfig", "QuantizedWeight", "UniformScheme", "gptq", "rtn"]
+__all__ = ["NEEDS_HESSIAN", "QUANTIZERS", "GPTQConfig", "QuantizedWeight", "UniformScheme", "gptq", "rtn"]

@@ -15,10 +15,14 @@ from algorithms.types import QuantizedWeight, UniformScheme
 
 @dataclass(frozen=True)
 class GPTQConfig:
-    """damp: fraction of the mean Hessian diagonal added to it; block_size: lazy-batch width."""
+    """damp: fraction of the mean Hessian diagonal added to it; block_size: lazy-batch width;
+    act_order: solve columns by descending Hessian diagonal ("desc_act"), with the groups
+    kept in the stored column order and their grids fixed before the solve ("static
+    groups"), so the stored format needs no column permutation."""
 
     damp: float = 0.01
     block_size: int = 128
+    act_order: bool = False
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -29,14 +33,22 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
 
 
-def gptq(
-    W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQConfig = GPTQConfig()
-) -> QuantizedWeight:
+def static_group_params(W: torch.Tensor, scheme: UniformScheme) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid of every group from the weights before the solve: scale, zero [out, groups]."""
+    out, n = W.shape
+    groups, width = scheme.groups(n), scheme.group_width(n)
+    scale, zero = grid.find_params(W.reshape(out * groups, width), scheme)  # [out*groups]
+    return scale.reshape(out, groups), zero.reshape(out, groups)
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQConfig = GPTQConfig()) -> QuantizedWeight:
     """Quantize W [out, in] column by column, pushing each column's error onto the columns
     not yet quantized, weighted by the inverse Hessian H [in, in] of the layer's inputs.
 
-    Group parameters are chosen when the solve reaches a group's first column, from the
-    weights as updated so far. With H = I no error is propagated and the result equals RTN.
+    Without act_order, a group's grid is chosen when the solve reaches its first column,
+    from the weights as updated so far; with act_order, grids are fixed up front (static
+    groups) and columns are solved by descending diag(H). With H = I no error is
+    propagated and the result equals RTN.
     """
     W = W.float().clone()  # [out, in]
     out, n = W.shape
@@ -45,11 +57,16 @@ def gptq(
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     W[:, dead] = 0
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if config.act_order else torch.arange(n)  # [in]
+    static = static_group_params(W, scheme) if config.act_order else None
+    W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_cholesky(H, config.damp)  # [in, in], upper triangular
 
-    codes = torch.zeros(out, n, dtype=torch.uint8)  # [out, in]
+    codes = torch.zeros(out, n, dtype=torch.uint8)  # [out, in], solve order
     scales = torch.zeros(out, groups)  # [out, groups]
     zeros = torch.zeros(out, groups)  # [out, groups]
+    if static is not None:
+        scales, zeros = static
     scale = zero = torch.zeros(out)
     for i1 in range(0, n, config.block_size):
         i2 = min(i1 + config.block_size, n)
@@ -58,7 +75,10 @@ def gptq(
         Hinv1 = Hinv[i1:i2, i1:i2]  # [b, b]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % width == 0:
+            if static is not None:
+                g = int(perm[col]) // width
+                scale, zero = scales[:, g], zeros[:, g]
+            elif col % width == 0:
                 ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :width]  # [out, width]
                 scale, zero = grid.find_params(ahead, scheme)
                 scales[:, col // width], zeros[:, col // width] = scale, zero
@@ -69,4 +89,5 @@ def gptq(
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    codes = codes[:, torch.argsort(perm)]  # back to stored column order
     return assemble(codes, scales, zeros, scheme)

@@ -24,10 +24,8 @@ def find_params(w: torch.Tensor, scheme: UniformScheme) -> tuple[torch.Tensor, t
     xmin, xmax = torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
     scale = ((xmax - xmin) / maxq).to(torch.float16).clamp(min=torch.finfo(torch.float16).tiny)
     scale = scale.to(w.dtype)
-    if scheme.sym:
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    centre = torch.full_like(scale, (maxq + 1) // 2)
+    zero = centre if scheme.sym else torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
 
 

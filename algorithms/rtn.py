@@ -9,9 +9,7 @@ from algorithms.packing import pack
 from algorithms.types import QuantizedWeight, UniformScheme
 
 
-def assemble(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, scheme: UniformScheme
-) -> QuantizedWeight:
+def assemble(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, scheme: UniformScheme) -> QuantizedWeight:
     """codes [out, in], scales/zeros [out, groups] -> the packed QuantizedWeight."""
     in_features = codes.shape[1]
     return QuantizedWeight(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,7 +108,9 @@ class Run:
         tokens, chunk = self.plan.calibration, self.plan.recipe.calibration.chunk_size
         chunks = {c: tokens[c * chunk : (c + 1) * chunk] for c in range(-(-len(tokens) // chunk))}
         shares = cluster.split(len(chunks), len(self.runners))
-        self.timed("load", [r.set_inputs.remote({c: chunks[c] for c in s}) for r, s in zip(self.runners, shares)])
+        self.timed(
+            "load", [r.set_inputs.remote({c: chunks[c] for c in s}) for r, s in zip(self.runners, shares, strict=True)]
+        )
 
     def block(self, block: BlockPlan) -> None:
         plan, scheme = self.plan, self.plan.recipe.scheme
@@ -124,7 +125,7 @@ class Run:
             runner.solve.remote(
                 share, hessians, tokens=tokens, algorithm=scheme.algorithm, scheme=scheme.grid, options=scheme.options
             )
-            for runner, share in zip(self.runners, assign_linears(block, len(self.runners)))
+            for runner, share in zip(self.runners, assign_linears(block, len(self.runners)), strict=True)
             if share
         ]
         self.ray.wait(solved, num_returns=len(solved), fetch_local=False)
@@ -140,11 +141,17 @@ class Run:
     def publish(self) -> None:
         plan, recipe = self.plan, self.plan.recipe
         start = time.perf_counter()
-        self.record(self.ray.get(self.runners[0].copy_tensors.remote(plan.output_uri, self.shards[-1], list(plan.other_tensors))))
+        self.record(
+            self.ray.get(
+                self.runners[0].copy_tensors.remote(plan.output_uri, self.shards[-1], list(plan.other_tensors))
+            )
+        )
         source, output = open_location(plan.source_uri), open_location(plan.output_uri)
         config = {**read_json(source, "config.json"), "quantization_config": quantization_config(recipe)}
         records = [put_json(output, "config.json", config)]
-        records.append(put_json(output, "model.safetensors.index.json", {"metadata": {}, "weight_map": self.weight_map}))
+        records.append(
+            put_json(output, "model.safetensors.index.json", {"metadata": {}, "weight_map": self.weight_map})
+        )
         for name in Checkpoint(plan.source_uri).side_files():
             records.append(put_bytes(output, name, source.read_bytes(name)))
         for r in records:

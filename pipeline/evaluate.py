@@ -37,7 +37,7 @@ def evaluate(model_uri: str, data: EvalData, resources: Resources, *, progress: 
     runners = cluster.start_runners(ray, resources, model_uri=checkpoint.uri, layout=layout)
     try:
         shares = cluster.split(len(windows), len(runners))
-        ray.get([r.set_inputs.remote({w: windows[w : w + 1] for w in s}) for r, s in zip(runners, shares)])
+        ray.get([r.set_inputs.remote({w: windows[w : w + 1] for w in s}) for r, s in zip(runners, shares, strict=True)])
         n_blocks = checkpoint.config["num_hidden_layers"]
         for i in tqdm(range(n_blocks), desc=f"eval {checkpoint.uri}", unit="block", disable=not progress):
             ray.get([r.load_block.remote(i) for r in runners] + [r.forward.remote() for r in runners])

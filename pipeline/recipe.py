@@ -57,6 +57,7 @@ class Scheme(Strict):
     sym: bool = True
     damp: float = Field(0.01, gt=0, lt=1)
     block_size: int = Field(128, ge=1)
+    act_order: bool = Field(True, description="GPTQ: solve columns by descending Hessian diagonal")
 
     @field_validator("group_size")
     @classmethod
@@ -71,7 +72,7 @@ class Scheme(Strict):
 
     @property
     def options(self) -> GPTQConfig:
-        return GPTQConfig(damp=self.damp, block_size=self.block_size)
+        return GPTQConfig(damp=self.damp, block_size=self.block_size, act_order=self.act_order)
 
 
 class Resources(Strict):

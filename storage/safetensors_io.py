@@ -98,21 +98,27 @@ def read_header(location: Location, file: str) -> SafetensorsHeader:
     return header
 
 
+def _runs(header: SafetensorsHeader, names: list[str]) -> list[list[str]]:
+    """The names, sorted by offset and cut into runs of byte-adjacent tensors."""
+    runs: list[list[str]] = []
+    for name in sorted(names, key=lambda n: header.entries[n].begin):
+        if runs and header.entries[runs[-1][-1]].end == header.entries[name].begin:
+            runs[-1].append(name)
+        else:
+            runs.append([name])
+    return runs
+
+
 def read_tensors(location: Location, header: SafetensorsHeader, names: list[str]) -> dict[str, torch.Tensor]:
-    """Fetch the named tensors, coalescing adjacent byte ranges into one read each."""
-    wanted = sorted(names, key=lambda name: header.entries[name].begin)
+    """Fetch the named tensors with one range read per run of adjacent tensors."""
     out: dict[str, torch.Tensor] = {}
-    run: list[str] = []
-    for name in wanted + [None]:  # type: ignore[list-item]
-        if run and (name is None or header.entries[name].begin != header.entries[run[-1]].end):
-            begin, end = header.entries[run[0]].begin, header.entries[run[-1]].end
-            data = location.read_bytes(header.file, header.data_start + begin, header.data_start + end)
-            for member in run:
-                e = header.entries[member]
-                piece = bytearray(data[e.begin - begin : e.end - begin])
-                flat = torch.frombuffer(piece, dtype=DTYPES[e.dtype]) if piece else torch.empty(0, dtype=DTYPES[e.dtype])
-                out[member] = flat.reshape(e.shape)
-            run = []
-        if name is not None:
-            run.append(name)
+    for run in _runs(header, names):
+        begin, end = header.entries[run[0]].begin, header.entries[run[-1]].end
+        data = location.read_bytes(header.file, header.data_start + begin, header.data_start + end)
+        for name in run:
+            e = header.entries[name]
+            piece = bytearray(data[e.begin - begin : e.end - begin])
+            dtype = DTYPES[e.dtype]
+            flat = torch.frombuffer(piece, dtype=dtype) if piece else torch.empty(0, dtype=dtype)
+            out[name] = flat.reshape(e.shape)
     return out

@@ -38,7 +38,9 @@ def to_arrays(qw: QuantizedWeight) -> Arrays:
 
 
 def from_arrays(arrays: Arrays, *, bits: int, group_size: int) -> QuantizedWeight:
-    return QuantizedWeight.from_tensors({k: torch.from_numpy(v) for k, v in arrays.items()}, bits=bits, group_size=group_size)
+    return QuantizedWeight.from_tensors(
+        {k: torch.from_numpy(v) for k, v in arrays.items()}, bits=bits, group_size=group_size
+    )
 
 
 class BlockRunner:
@@ -161,9 +163,7 @@ class BlockRunner:
         """Write the loaded block with its solved linears as one safetensors shard."""
         prefix = self.layout.block(self.index)
         done = {linear: arrays for part in solved for linear, arrays in part.items()}
-        tensors = {
-            prefix + name: t for name, t in self.raw.items() if name.rpartition(".")[0] not in done
-        }
+        tensors = {prefix + name: t for name, t in self.raw.items() if name.rpartition(".")[0] not in done}
         for linear, arrays in done.items():
             tensors.update({f"{prefix}{linear}.{k}": torch.from_numpy(v) for k, v in arrays.items()})
         return put_tensors(uri, file, tensors, {"format": "pt", "lamina.block": str(self.index)}), sorted(tensors)
@@ -188,7 +188,7 @@ class BlockRunner:
         scores = {}
         for chunk, hidden in self.hidden.items():
             nll, count = 0.0, 0
-            for seq, ids in zip(hidden, self.tokens[chunk]):
+            for seq, ids in zip(hidden, self.tokens[chunk], strict=True):
                 logits = norm(seq) @ W_head.T  # [T, vocab]
                 target = torch.from_numpy(ids[1:]).long()  # [T-1]
                 per_token = nn.functional.cross_entropy(logits[:-1], target, reduction="none")  # [T-1]

@@ -1,0 +1,109 @@
+"""Properties of the quantization math, on random weights and on a real layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from algorithms import GPTQConfig, UniformScheme, gptq, rtn
+from algorithms.hessian import input_gram, proxy_error
+from algorithms.packing import pack, unpack
+from kernels import QuantLinear
+from kernels.reference import dequantize
+
+SCHEMES = [
+    UniformScheme(bits=b, group_size=g, sym=s) for b in (2, 4, 8) for g in (0, 32, 64, 128) for s in (True, False)
+]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_unpack_round_trip_is_exact(bits: int) -> None:
+    codes = torch.randint(0, 2**bits, (7, 256), generator=torch.Generator().manual_seed(bits))
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (7, 256 * bits // 32)
+    assert torch.equal(unpack(packed, bits).long(), codes)
+
+
+def test_pack_refuses_codes_out_of_range() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        pack(torch.full((2, 8), 16), 4)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=str)
+def test_rtn_error_is_within_half_a_step(scheme: UniformScheme) -> None:
+    W = torch.randn(16, 256, generator=torch.Generator().manual_seed(0))
+    qw = rtn(W, scheme)
+    step = qw.scales.float().repeat_interleave(qw.group_size, dim=1)  # [out, in]
+    err = (dequantize(qw) - W).abs()
+    inside = err <= step / 2 + 1e-6
+    # a symmetric grid clips the largest positive value by up to one step; nothing else may exceed half a step
+    assert inside.float().mean() > 0.98
+    assert (err <= step + 1e-6).all()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("scheme", SCHEMES[::3], ids=str)
+def test_gptq_with_identity_hessian_equals_rtn(scheme: UniformScheme, act_order: bool) -> None:
+    W = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
+    a, b = rtn(W, scheme), gptq(W, torch.eye(128), scheme, GPTQConfig(act_order=act_order))
+    assert torch.equal(a.qweight, b.qweight)
+    assert torch.equal(a.scales, b.scales) and torch.equal(a.zeros, b.zeros)
+
+
+def test_gptq_is_deterministic() -> None:
+    g = torch.Generator().manual_seed(2)
+    W, X = torch.randn(64, 128, generator=g), torch.randn(500, 128, generator=g)
+    H = input_gram(X)
+    a, b = gptq(W, H, UniformScheme(bits=4, group_size=32)), gptq(W, H, UniformScheme(bits=4, group_size=32))
+    assert all(torch.equal(x, y) for x, y in zip(a.tensors().values(), b.tensors().values(), strict=True))
+
+
+def test_quant_linear_matches_dequantized_matmul() -> None:
+    W = torch.randn(48, 128, generator=torch.Generator().manual_seed(3))
+    qw = rtn(W, UniformScheme(bits=4, group_size=64))
+    bias = torch.randn(48)
+    x = torch.randn(5, 128)
+    assert torch.allclose(QuantLinear(qw, bias)(x), x @ dequantize(qw).T + bias, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def real_block(model_dir, docs_dir):
+    """Block 3 of the fixture model with real calibration activations (fp inputs from blocks 0-2)."""
+    from pipeline.architectures import ARCHITECTURES
+    from pipeline.data import load_tokenizer, sequences, token_stream
+    from workers.block import BlockRunner
+
+    stream = token_stream(
+        uri=str(docs_dir / "library"),
+        pattern="*.rst.txt",
+        tokenizer=load_tokenizer(str(model_dir)),
+        needed=16 * 256,
+        what="calibration",
+    )
+    runner = BlockRunner(model_uri=str(model_dir), layout=ARCHITECTURES["llama"], threads=2)
+    runner.set_inputs({0: sequences(stream, count=16, length=256)})
+    for i in range(3):
+        runner.load_block(i)
+        runner.forward()
+    runner.load_block(3)
+    return runner, runner.calibrate()[0]
+
+
+@pytest.mark.parametrize("linear", ["self_attn.q_proj", "mlp.down_proj"])
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        UniformScheme(bits=4, group_size=64),
+        UniformScheme(bits=2, group_size=64, sym=False),
+        UniformScheme(bits=8, group_size=0),
+    ],
+    ids=str,
+)
+def test_gptq_beats_rtn_on_a_real_layer(real_block, linear: str, scheme: UniformScheme) -> None:
+    runner, hessians = real_block
+    W = runner.layer.get_submodule(linear).weight.detach()
+    H = torch.from_numpy(hessians[runner.layout.group_of(linear)])
+    rtn_err = proxy_error(W, dequantize(rtn(W, scheme)), H)
+    for act_order in (False, True):
+        gptq_err = proxy_error(W, dequantize(gptq(W, H, scheme, GPTQConfig(act_order=act_order))), H)
+        assert gptq_err < 0.9 * rtn_err, (act_order, gptq_err, rtn_err)
