@@ -16,13 +16,14 @@ def _check_bits(bits: int) -> int:
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """codes: integer [out, in] in [0, 2**bits) -> int32 [out, in * bits / 32]."""
     per_word = _check_bits(bits)
+    codes = codes.to(torch.int64)  # [out, in]; uint8 would wrap 2**8 in the range check
     out, n = codes.shape
     if n % per_word:
         raise ValueError(f"input size {n} is not a multiple of {per_word} ({bits}-bit codes per word)")
     if codes.min() < 0 or codes.max() >= 2**bits:
         raise ValueError(f"codes out of range for {bits} bits")
     shifts = torch.arange(per_word, dtype=torch.int64) * bits  # [per_word]
-    words = (codes.to(torch.int64).reshape(out, n // per_word, per_word) << shifts).sum(-1)  # [out, n/pw]
+    words = (codes.reshape(out, n // per_word, per_word) << shifts).sum(-1)  # [out, n/pw]
     words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement into int32
     return words.to(torch.int32)
 

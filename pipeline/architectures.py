@@ -12,28 +12,22 @@ LLAMA_GROUPS = (
     ("mlp.down_proj",),
 )
 
+
+def llama_like(module: str, prefix: str) -> BlockLayout:
+    """The Llama block shape (attention q/k/v/o, gated MLP) under another family's names."""
+    return BlockLayout(
+        modeling_module=f"transformers.models.{module}.modeling_{module}",
+        layer_class=f"{prefix}DecoderLayer",
+        rotary_class=f"{prefix}RotaryEmbedding",
+        norm_class=f"{prefix}RMSNorm",
+        groups=LLAMA_GROUPS,
+    )
+
+
 ARCHITECTURES: dict[str, BlockLayout] = {
-    "llama": BlockLayout(
-        modeling_module="transformers.models.llama.modeling_llama",
-        layer_class="LlamaDecoderLayer",
-        rotary_class="LlamaRotaryEmbedding",
-        norm_class="LlamaRMSNorm",
-        groups=LLAMA_GROUPS,
-    ),
-    "mistral": BlockLayout(
-        modeling_module="transformers.models.mistral.modeling_mistral",
-        layer_class="MistralDecoderLayer",
-        rotary_class="MistralRotaryEmbedding",
-        norm_class="MistralRMSNorm",
-        groups=LLAMA_GROUPS,
-    ),
-    "qwen2": BlockLayout(
-        modeling_module="transformers.models.qwen2.modeling_qwen2",
-        layer_class="Qwen2DecoderLayer",
-        rotary_class="Qwen2RotaryEmbedding",
-        norm_class="Qwen2RMSNorm",
-        groups=LLAMA_GROUPS,
-    ),
+    "llama": llama_like("llama", "Llama"),
+    "mistral": llama_like("mistral", "Mistral"),
+    "qwen2": llama_like("qwen2", "Qwen2"),
 }
 
 

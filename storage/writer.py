@@ -29,7 +29,11 @@ def put_json(location: Location, name: str, doc: dict) -> FileRecord:
     return put_bytes(location, name, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
 
 
-def put_tensors(uri: str, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> FileRecord:
-    """Serialize tensors as one safetensors file (deterministic bytes for equal inputs)."""
-    data = save({k: v.contiguous() for k, v in sorted(tensors.items())}, metadata=metadata)
+def put_tensors(uri: str, name: str, tensors: dict[str, torch.Tensor]) -> FileRecord:
+    """Serialize tensors as one safetensors file: equal tensors give equal bytes.
+
+    The metadata is the single key transformers expects: safetensors stores metadata in a
+    hash map whose order changes from process to process, so a second key would make the
+    header's bytes depend on which worker wrote the file."""
+    data = save({k: v.contiguous() for k, v in sorted(tensors.items())}, metadata={"format": "pt"})
     return put_bytes(open_location(uri), name, data)

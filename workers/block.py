@@ -166,7 +166,7 @@ class BlockRunner:
         tensors = {prefix + name: t for name, t in self.raw.items() if name.rpartition(".")[0] not in done}
         for linear, arrays in done.items():
             tensors.update({f"{prefix}{linear}.{k}": torch.from_numpy(v) for k, v in arrays.items()})
-        return put_tensors(uri, file, tensors, {"format": "pt", "lamina.block": str(self.index)}), sorted(tensors)
+        return put_tensors(uri, file, tensors), sorted(tensors)
 
     def release_block(self) -> None:
         self.layer, self.raw, self.index = None, {}, -1
@@ -174,7 +174,7 @@ class BlockRunner:
     # ---- whole-model pieces -------------------------------------------------------
     def copy_tensors(self, uri: str, file: str, names: list[str]) -> tuple[FileRecord, list[str]]:
         """Copy tensors outside the blocks (embeddings, final norm, head) as they are."""
-        return put_tensors(uri, file, self.checkpoint.read(names), {"format": "pt"}), sorted(names)
+        return put_tensors(uri, file, self.checkpoint.read(names)), sorted(names)
 
     @torch.inference_mode()
     def score(self) -> dict[int, tuple[float, int]]:
