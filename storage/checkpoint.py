@@ -11,7 +11,7 @@ from functools import cached_property
 import torch
 
 from storage.fs import Location, StorageError, open_location
-from storage.safetensors_io import SafetensorsHeader, TensorEntry, read_header, read_tensors
+from storage.safetensors_io import TensorEntry, read_header, read_tensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -94,9 +94,6 @@ class Checkpoint:
             h.update(f"\0{file}\0{self.location.size(file)}\0".encode())
             h.update(header.raw)
         return h.hexdigest()
-
-    def shard_headers(self) -> dict[str, SafetensorsHeader]:
-        return dict(self.headers)
 
     def side_files(self) -> list[str]:
         """Tokenizer and generation files that travel with the weights."""

@@ -1,7 +1,8 @@
 """Run one decoder block at a time over the chunks a worker owns.
 
 A runner holds at most one block, the hidden states of its chunks and, while
-calibrating, that block's running Hessians. The driver decides what runs where.
+calibrating, the Hessians of its chunks for that block (returned per chunk so that the
+driver can sum them in chunk order). The driver decides what runs where.
 """
 
 from __future__ import annotations
@@ -167,9 +168,6 @@ class BlockRunner:
         for linear, arrays in done.items():
             tensors.update({f"{prefix}{linear}.{k}": torch.from_numpy(v) for k, v in arrays.items()})
         return put_tensors(uri, file, tensors), sorted(tensors)
-
-    def release_block(self) -> None:
-        self.layer, self.raw, self.index = None, {}, -1
 
     # ---- whole-model pieces -------------------------------------------------------
     def copy_tensors(self, uri: str, file: str, names: list[str]) -> tuple[FileRecord, list[str]]:
