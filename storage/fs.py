@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import os
 import posixpath
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import fsspec
 from fsspec import AbstractFileSystem
+
+PART_BYTES = 8 * 2**20  # multipart upload part size (S3's minimum is 5 MiB)
+REMOTE_OPTIONS: dict[str, dict] = {"s3": {"use_listings_cache": False}, "gs": {"use_listings_cache": False}}
 
 
 class StorageError(Exception):
@@ -22,6 +26,7 @@ class Location:
     fs: AbstractFileSystem
     root: str
     uri: str
+    traffic: Counter = field(default_factory=Counter, compare=False, repr=False)  # bytes_read, bytes_written
 
     def path(self, name: str) -> str:
         if name.startswith("/") or ".." in name.split("/"):
@@ -33,9 +38,11 @@ class Location:
 
     def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
         try:
-            return self.fs.cat_file(self.path(name), start=start, end=end)
+            data = self.fs.cat_file(self.path(name), start=start, end=end)
         except FileNotFoundError:
             raise StorageError(f"{self.uri}: missing file {name}") from None
+        self.traffic["bytes_read"] += len(data)
+        return data
 
     def size(self, name: str) -> int:
         try:
@@ -44,11 +51,15 @@ class Location:
             raise StorageError(f"{self.uri}: missing file {name}") from None
 
     def write_bytes(self, name: str, data: bytes) -> None:
+        """Write a whole file; on object stores anything over PART_BYTES goes multipart."""
         path = self.path(name)
         parent = posixpath.dirname(path)
         if parent:
             self.fs.makedirs(parent, exist_ok=True)
-        self.fs.pipe_file(path, data)
+        with self.fs.open(path, "wb", block_size=PART_BYTES) as f:
+            for offset in range(0, len(data), PART_BYTES):
+                f.write(data[offset : offset + PART_BYTES])
+        self.traffic["bytes_written"] += len(data)
 
     def list_files(self) -> list[str]:
         """Names of all files below the folder, relative to it, sorted."""
@@ -60,8 +71,13 @@ class Location:
 
 
 def open_location(uri: str) -> Location:
-    """'s3://bucket/x', 'file:///x', 'memory://x' or a plain (relative) path -> Location."""
+    """'s3://bucket/x', 'file:///x', 'memory://x' or a plain (relative) path -> Location.
+
+    S3 endpoint, region and credentials come from the standard provider chain
+    (AWS_ENDPOINT_URL, AWS_* variables, ~/.aws, instance roles); listings are never cached,
+    since other processes (the workers) write into the same folders."""
     if "://" not in uri:
         uri = os.path.abspath(uri)
-    fs, root = fsspec.core.url_to_fs(uri)
+    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    fs, root = fsspec.core.url_to_fs(uri, **REMOTE_OPTIONS.get(protocol, {}))
     return Location(fs=fs, root=root.rstrip("/") or "/", uri=uri)

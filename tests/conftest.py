@@ -3,9 +3,11 @@ cluster per test session, kept on loopback and in its own temp folder."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -37,9 +39,47 @@ def docs_dir() -> Path:
     return DOCS
 
 
+S3_BUCKET = "lamina-test"
+
+
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray for the whole session (2 CPUs, like the machine); stopped at the end."""
+def s3_endpoint():
+    """A real S3 HTTP endpoint on loopback (moto's server), reached through the standard
+    AWS variables, so the driver and the Ray workers find it the way users' code finds S3."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.pop("AWS_PROFILE", None)
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+    )
+    from storage.fs import open_location
+
+    open_location(f"s3://{S3_BUCKET}").fs.mkdir(S3_BUCKET)
+    yield f"s3://{S3_BUCKET}"
+    server.stop()
+
+
+@pytest.fixture(params=["file", "memory", "s3"])
+def store(request, tmp_path) -> str:
+    """A fresh folder URI on each storage backend: one suite runs on all of them."""
+    if request.param == "file":
+        return str(tmp_path / "store")
+    if request.param == "memory":
+        return f"memory://lamina-test/{uuid.uuid4().hex}"
+    return f"{request.getfixturevalue('s3_endpoint')}/{uuid.uuid4().hex}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
+    """One local Ray for the whole session (2 CPUs, like the machine); stopped at the end.
+    It starts after the S3 endpoint so that its workers inherit the endpoint's variables."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)

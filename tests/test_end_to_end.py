@@ -15,6 +15,7 @@ import pytest
 from pipeline.driver import quantize
 from pipeline.evaluate import evaluate
 from pipeline.recipe import parse
+from storage.fs import open_location
 from storage.manifest import read_manifest, verify
 from tests.conftest import recipe_doc
 
@@ -61,15 +62,40 @@ def test_gptq_4bit_g64_sym_quality(protocol_runs) -> None:
     assert ppl["rtn"] > ppl["gptq"] + 1.0
 
 
-def test_one_and_two_workers_give_bit_identical_shards(tmp_path, ray_cluster) -> None:
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory, ray_cluster, s3_endpoint, model_dir):
+    """The same small-calibration GPTQ recipe with 1 and 2 workers on local files, and with
+    2 workers reading the source from and writing the artifact to S3 (loopback)."""
+    tmp = tmp_path_factory.mktemp("small")
     small = {"samples": 8, "seq_len": 128, "chunk_size": 2}
-    hashes = []
-    for workers in (1, 2):
-        doc = recipe_doc(tmp_path / f"w{workers}", calibration=small, resources={"workers": workers})
-        run = quantize(parse(doc), progress=False)
-        hashes.append({f: r.sha256 for f, r in run.files.items() if f.endswith(".safetensors")})
-    assert len(hashes[0]) == 31
-    assert hashes[0] == hashes[1]
+    s3_model, s3_registry = f"{s3_endpoint}/models/smollm2-135m", f"{s3_endpoint}/registry/smollm2-135m/w4g64"
+    open_location(s3_model).fs.put(str(model_dir) + "/", open_location(s3_model).root, recursive=True)
+    docs = {
+        "w1": recipe_doc(tmp / "w1", calibration=small, resources={"workers": 1}),
+        "w2": recipe_doc(tmp / "w2", calibration=small),
+        "s3": recipe_doc(tmp / "s3", calibration=small, model=s3_model, output=s3_registry),
+    }
+    return {name: quantize(parse(doc), progress=False) for name, doc in docs.items()}
+
+
+def shard_hashes(run) -> dict[str, str]:
+    return {f: r.sha256 for f, r in run.files.items() if f.endswith(".safetensors")}
+
+
+def test_one_and_two_workers_give_bit_identical_shards(small_runs) -> None:
+    assert len(shard_hashes(small_runs["w1"])) == 31
+    assert shard_hashes(small_runs["w1"]) == shard_hashes(small_runs["w2"])
+
+
+def test_s3_source_and_registry_give_the_same_artifact(small_runs) -> None:
+    run = small_runs["s3"]
+    assert run.output.startswith("s3://")
+    assert verify(run.output) == []
+    assert (
+        read_manifest(run.output)["source"]["fingerprint"]
+        == read_manifest(small_runs["w2"].output)["source"]["fingerprint"]
+    )
+    assert shard_hashes(run) == shard_hashes(small_runs["w2"])
 
 
 def test_transformers_does_not_mistake_our_kernels_package() -> None:
