@@ -68,6 +68,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ls(args: argparse.Namespace) -> int:
+    from storage.registry import list_versions
+
+    found = list_versions(args.registry)
+    if not found:
+        print(f"no published versions under {args.registry}")
+        return 0
+    for v in found:
+        scores = " ".join(f"{k}={val}" for k, val in sorted(v.scores.items())) or "no eval yet"
+        print(f"{v.model}/{v.version}  {v.scheme}  {size(v.nbytes)}  {v.created}  {scores}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lamina", description="Distributed quantization of large language models.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -89,6 +102,9 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-hash every file of an artifact against its manifest")
     v.add_argument("artifact")
     v.set_defaults(func=cmd_verify)
+    ls = sub.add_parser("ls", help="published versions in a registry (REGISTRY/<model>/<version>/)")
+    ls.add_argument("registry")
+    ls.set_defaults(func=cmd_ls)
     return p
 
 

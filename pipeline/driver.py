@@ -23,7 +23,7 @@ from pipeline.plan import BlockPlan, Plan, make_plan
 from pipeline.recipe import Recipe
 from storage.checkpoint import Checkpoint, read_json
 from storage.fs import open_location
-from storage.manifest import write_manifest
+from storage.staging import claim, publish, staging
 from storage.writer import FileRecord, put_bytes, put_json
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,12 @@ def quantization_config(recipe: Recipe) -> dict:
 
 
 class Run:
-    def __init__(self, plan: Plan, ray: object, runners: list):
-        self.plan, self.ray, self.runners = plan, ray, runners
+    """One quantization run: writes into the staging folder `stage` of its claimed output."""
+
+    def __init__(self, plan: Plan, ray: object, runners: list, run_id: str):
+        self.plan, self.ray, self.runners, self.run_id = plan, ray, runners, run_id
+        self.output = open_location(plan.output_uri)
+        self.stage = staging(self.output, run_id)
         recipe = plan.recipe
         n = len(plan.blocks) + 1
         self.report = RunReport(
@@ -130,7 +134,7 @@ class Run:
         ]
         self.ray.wait(solved, num_returns=len(solved), fetch_local=False)
         self.report.seconds["solve"] += time.perf_counter() - start
-        written = self.runners[0].write_block.remote(plan.output_uri, self.shards[block.index], *solved)
+        written = self.runners[0].write_block.remote(self.stage.uri, self.shards[block.index], *solved)
         last = block.index == len(plan.blocks) - 1
         propagated = []
         if plan.needs_calibration and not last:
@@ -138,28 +142,26 @@ class Run:
             propagated += [r.forward.remote() for r in self.runners]
         self.record(self.timed("write+propagate", [written, *propagated])[0])
 
-    def publish(self) -> None:
+    def finish(self) -> None:
         plan, recipe = self.plan, self.plan.recipe
         start = time.perf_counter()
         self.record(
-            self.ray.get(
-                self.runners[0].copy_tensors.remote(plan.output_uri, self.shards[-1], list(plan.other_tensors))
-            )
+            self.ray.get(self.runners[0].copy_tensors.remote(self.stage.uri, self.shards[-1], list(plan.other_tensors)))
         )
-        source, output = open_location(plan.source_uri), open_location(plan.output_uri)
+        source, stage = open_location(plan.source_uri), self.stage
         config = {**read_json(source, "config.json"), "quantization_config": quantization_config(recipe)}
-        records = [put_json(output, "config.json", config)]
-        records.append(
-            put_json(output, "model.safetensors.index.json", {"metadata": {}, "weight_map": self.weight_map})
-        )
+        records = [put_json(stage, "config.json", config)]
+        records.append(put_json(stage, "model.safetensors.index.json", {"metadata": {}, "weight_map": self.weight_map}))
         for name in Checkpoint(plan.source_uri).side_files():
-            records.append(put_bytes(output, name, source.read_bytes(name)))
+            records.append(put_bytes(stage, name, source.read_bytes(name)))
         for r in records:
             self.report.files[r.name] = r
         self.report.artifact_bytes = sum(r.size for r in self.report.files.values())
-        write_manifest(
-            output,
+        publish(
+            self.output,
+            self.run_id,
             list(self.report.files.values()),
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             recipe=recipe.model_dump(mode="json"),
             recipe_hash=self.report.recipe_hash,
             source={"uri": plan.source_uri, "fingerprint": plan.fingerprint},
@@ -180,8 +182,9 @@ def quantize(recipe: Recipe, *, progress: bool = True) -> RunReport:
     """Plan (all checks before any work), then quantize block by block on Ray, then publish."""
     plan = make_plan(recipe)
     ray = cluster.connect(recipe.resources)
+    run_id = claim(open_location(plan.output_uri), recipe_hash=recipe.hash(), fingerprint=plan.fingerprint)
     runners = cluster.start_runners(ray, recipe.resources, model_uri=plan.source_uri, layout=plan.layout)
-    run = Run(plan, ray, runners)
+    run = Run(plan, ray, runners, run_id)
     try:
         if plan.needs_calibration:
             run.set_inputs()
@@ -190,7 +193,7 @@ def quantize(recipe: Recipe, *, progress: bool = True) -> RunReport:
             run.block(block)
             bar.set_postfix_str(f"block {block.index} written")
         bar.close()
-        run.publish()
+        run.finish()
     finally:
         for r in runners:
             ray.kill(r)

@@ -50,16 +50,27 @@ class Location:
         except FileNotFoundError:
             raise StorageError(f"{self.uri}: missing file {name}") from None
 
-    def write_bytes(self, name: str, data: bytes) -> None:
-        """Write a whole file; on object stores anything over PART_BYTES goes multipart."""
+    def write_bytes(self, name: str, data: bytes, *, exclusive: bool = False) -> None:
+        """Write a whole file; on object stores anything over PART_BYTES goes multipart.
+
+        exclusive: create the file only if it does not exist (an S3 conditional write,
+        O_EXCL locally), else raise FileExistsError; for small control files."""
         path = self.path(name)
         parent = posixpath.dirname(path)
         if parent:
             self.fs.makedirs(parent, exist_ok=True)
+        if exclusive:
+            self.fs.pipe_file(path, data, mode="create")
+            self.traffic["bytes_written"] += len(data)
+            return
         with self.fs.open(path, "wb", block_size=PART_BYTES) as f:
             for offset in range(0, len(data), PART_BYTES):
                 f.write(data[offset : offset + PART_BYTES])
         self.traffic["bytes_written"] += len(data)
+
+    def child(self, name: str) -> Location:
+        """The sub-folder `name` as a Location of its own."""
+        return Location(fs=self.fs, root=self.path(name), uri=f"{self.uri.rstrip('/')}/{name}")
 
     def list_files(self) -> list[str]:
         """Names of all files below the folder, relative to it, sorted."""

@@ -14,12 +14,13 @@ FORMAT = "lamina-artifact/1"
 
 
 def write_manifest(location: Location, files: list[FileRecord], **fields: object) -> FileRecord:
+    """Publish: exactly one writer can create the manifest; a second gets FileExistsError."""
     doc = {
         "format": FORMAT,
         "files": {r.name: {"sha256": r.sha256, "size": r.size} for r in sorted(files, key=lambda r: r.name)},
         **fields,
     }
-    return put_json(location, MANIFEST, doc)
+    return put_json(location, MANIFEST, doc, exclusive=True)
 
 
 def read_manifest(uri: str) -> dict:

@@ -20,13 +20,14 @@ class FileRecord:
     size: int
 
 
-def put_bytes(location: Location, name: str, data: bytes) -> FileRecord:
-    location.write_bytes(name, data)
+def put_bytes(location: Location, name: str, data: bytes, *, exclusive: bool = False) -> FileRecord:
+    location.write_bytes(name, data, exclusive=exclusive)
     return FileRecord(name=name, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
 
-def put_json(location: Location, name: str, doc: dict) -> FileRecord:
-    return put_bytes(location, name, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
+def put_json(location: Location, name: str, doc: dict, *, exclusive: bool = False) -> FileRecord:
+    data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+    return put_bytes(location, name, data, exclusive=exclusive)
 
 
 def put_tensors(uri: str, name: str, tensors: dict[str, torch.Tensor]) -> FileRecord:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.cli import main
 from pipeline.driver import quantize
 from pipeline.evaluate import evaluate
 from pipeline.recipe import parse
@@ -43,6 +44,7 @@ def test_artifact_is_complete_and_verifies(protocol_runs) -> None:
     shards = [f for f in manifest["files"] if f.endswith(".safetensors")]
     assert len(shards) == 31  # 30 blocks + embeddings/norm
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= set(manifest["files"])
+    assert not any(f.startswith(".lamina") for f in open_location(runs["gptq"].output).list_files())
     assert manifest["source"]["fingerprint"] and manifest["recipe_hash"] == runs["gptq"].recipe_hash
     assert verify(runs["gptq"].output) == []
     assert runs["gptq"].artifact_bytes < runs["gptq"].source_bytes / 2.5
@@ -96,6 +98,14 @@ def test_s3_source_and_registry_give_the_same_artifact(small_runs) -> None:
         == read_manifest(small_runs["w2"].output)["source"]["fingerprint"]
     )
     assert shard_hashes(run) == shard_hashes(small_runs["w2"])
+
+
+def test_registry_lists_the_published_version(small_runs, s3_endpoint, capsys) -> None:
+    assert main(["ls", f"{s3_endpoint}/registry"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("smollm2-135m/w4g64  gptq w4 g64 sym  ")
+    assert main(["ls", f"{s3_endpoint}/empty-registry"]) == 0
+    assert "no published versions" in capsys.readouterr().out
 
 
 def test_transformers_does_not_mistake_our_kernels_package() -> None:

@@ -1,0 +1,79 @@
+"""Atomic publish without rename: claim, staging, manifest created last by one writer only.
+The same suite runs on file://, memory:// and S3 (loopback)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from storage import StorageError
+from storage.fs import open_location
+from storage.manifest import read_manifest, verify
+from storage.staging import CONTROL, claim, publish, staging
+from storage.writer import put_bytes
+
+
+def stage_files(store: str, run_id: str) -> list:
+    stage = staging(open_location(store), run_id)
+    return [put_bytes(stage, "model-00001-of-00001.safetensors", b"w" * 1000), put_bytes(stage, "config.json", b"{}")]
+
+
+def test_claim_refuses_another_recipe_and_lets_the_same_one_resume(store: str) -> None:
+    output = open_location(store)
+    run_id = claim(output, recipe_hash="r1", fingerprint="f")
+    assert claim(output, recipe_hash="r1", fingerprint="f") == run_id
+    with pytest.raises(StorageError, match=f"claimed by run {run_id} of another recipe"):
+        claim(output, recipe_hash="r2", fingerprint="f")
+    with pytest.raises(StorageError, match="claimed by run"):
+        claim(output, recipe_hash="r1", fingerprint="other source")
+
+
+def test_nothing_is_visible_before_the_manifest_and_staging_is_gone_after(store: str) -> None:
+    output = open_location(store)
+    run_id = claim(output, recipe_hash="r", fingerprint="f")
+    files = stage_files(store, run_id)
+    with pytest.raises(StorageError, match="not a published artifact"):
+        read_manifest(store)
+    publish(output, run_id, files, recipe={})
+    assert verify(store) == []
+    assert output.list_files() == ["config.json", "lamina.json", "model-00001-of-00001.safetensors"]
+    assert not output.exists(CONTROL)
+    with pytest.raises(StorageError, match="already holds a published artifact"):
+        claim(output, recipe_hash="r", fingerprint="f")
+
+
+def test_a_second_publish_of_the_same_version_fails_clearly(store: str) -> None:
+    output = open_location(store)
+    run_id = claim(output, recipe_hash="r", fingerprint="f")
+    files = stage_files(store, run_id)
+    publish(output, run_id, files, recipe={}, winner=1)
+    stage_files(store, run_id)
+    with pytest.raises(StorageError, match="published by another run first"):
+        publish(output, run_id, files, recipe={}, winner=2)
+    assert read_manifest(store)["winner"] == 1 and verify(store) == []
+
+
+@pytest.mark.parametrize("store", ["file", "s3"], indirect=True)
+def test_two_concurrent_publishers_end_with_exactly_one_version(store: str) -> None:
+    output = open_location(store)
+    run_id = claim(output, recipe_hash="r", fingerprint="f")
+    files = stage_files(store, run_id)
+    barrier, outcomes = threading.Barrier(2), []
+
+    def publisher(n: int) -> None:
+        barrier.wait()
+        try:
+            publish(output, run_id, files, recipe={}, winner=n)
+            outcomes.append(("won", n))
+        except (StorageError, FileNotFoundError) as e:
+            outcomes.append(("lost", str(e)))
+
+    threads = [threading.Thread(target=publisher, args=(n,)) for n in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [n for kind, n in outcomes if kind == "won"]
+    assert len(won) == 1, outcomes
+    assert read_manifest(store)["winner"] == won[0] and verify(store) == []
