@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipeline import cluster
 from pipeline.plan import BlockPlan, Plan, make_plan
 from pipeline.recipe import Recipe
-from storage.checkpoint import Checkpoint, read_json
+from storage.checkpoint import read_json
 from storage.fs import open_location
 from storage.staging import claim, publish, staging
 from storage.writer import FileRecord, put_bytes, put_json
@@ -152,7 +152,7 @@ class Run:
         config = {**read_json(source, "config.json"), "quantization_config": quantization_config(recipe)}
         records = [put_json(stage, "config.json", config)]
         records.append(put_json(stage, "model.safetensors.index.json", {"metadata": {}, "weight_map": self.weight_map}))
-        for name in Checkpoint(plan.source_uri).side_files():
+        for name in plan.side_files:
             records.append(put_bytes(stage, name, source.read_bytes(name)))
         for r in records:
             self.report.files[r.name] = r

@@ -47,6 +47,7 @@ class Plan:
     layout: BlockLayout
     blocks: tuple[BlockPlan, ...]
     other_tensors: tuple[str, ...]  # outside the blocks: embeddings, final norm, head
+    side_files: tuple[str, ...]  # tokenizer and generation files copied beside the weights
     source_bytes: int
     fingerprint: str
     calibration: np.ndarray | None  # token ids [samples, seq_len], None when not needed
@@ -125,6 +126,7 @@ def make_plan(recipe: Recipe) -> Plan:
         layout=layout,
         blocks=blocks,
         other_tensors=tuple(n for n in source.names() if n not in block_names),
+        side_files=tuple(source.side_files()),
         source_bytes=source.total_bytes,
         fingerprint=source.fingerprint,
         calibration=_calibration(recipe),
