@@ -19,6 +19,14 @@ def stage_files(store: str, run_id: str) -> list:
     return [put_bytes(stage, "model-00001-of-00001.safetensors", b"w" * 1000), put_bytes(stage, "config.json", b"{}")]
 
 
+@pytest.fixture
+def staged(store: str) -> tuple:
+    """An output claimed by one run, with that run's files staged: (output, run_id, files)."""
+    output = open_location(store)
+    run_id = claim(output, recipe_hash="r", fingerprint="f")
+    return output, run_id, stage_files(store, run_id)
+
+
 def test_claim_refuses_another_recipe_and_lets_the_same_one_resume(store: str) -> None:
     output = open_location(store)
     run_id = claim(output, recipe_hash="r1", fingerprint="f")
@@ -29,10 +37,8 @@ def test_claim_refuses_another_recipe_and_lets_the_same_one_resume(store: str) -
         claim(output, recipe_hash="r1", fingerprint="other source")
 
 
-def test_nothing_is_visible_before_the_manifest_and_staging_is_gone_after(store: str) -> None:
-    output = open_location(store)
-    run_id = claim(output, recipe_hash="r", fingerprint="f")
-    files = stage_files(store, run_id)
+def test_nothing_is_visible_before_the_manifest_and_staging_is_gone_after(store: str, staged: tuple) -> None:
+    output, run_id, files = staged
     with pytest.raises(StorageError, match="not a published artifact"):
         read_manifest(store)
     publish(output, run_id, files, recipe={})
@@ -43,10 +49,8 @@ def test_nothing_is_visible_before_the_manifest_and_staging_is_gone_after(store:
         claim(output, recipe_hash="r", fingerprint="f")
 
 
-def test_a_second_publish_of_the_same_version_fails_clearly(store: str) -> None:
-    output = open_location(store)
-    run_id = claim(output, recipe_hash="r", fingerprint="f")
-    files = stage_files(store, run_id)
+def test_a_second_publish_of_the_same_version_fails_clearly(store: str, staged: tuple) -> None:
+    output, run_id, files = staged
     publish(output, run_id, files, recipe={}, winner=1)
     stage_files(store, run_id)
     with pytest.raises(StorageError, match="published by another run first"):
@@ -55,10 +59,8 @@ def test_a_second_publish_of_the_same_version_fails_clearly(store: str) -> None:
 
 
 @pytest.mark.parametrize("store", ["file", "s3"], indirect=True)
-def test_two_concurrent_publishers_end_with_exactly_one_version(store: str) -> None:
-    output = open_location(store)
-    run_id = claim(output, recipe_hash="r", fingerprint="f")
-    files = stage_files(store, run_id)
+def test_two_concurrent_publishers_end_with_exactly_one_version(store: str, staged: tuple) -> None:
+    output, run_id, files = staged
     barrier, outcomes = threading.Barrier(2), []
 
     def publisher(n: int) -> None:
