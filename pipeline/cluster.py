@@ -9,6 +9,8 @@ from types import ModuleType
 
 from pipeline.errors import LaminaError
 from pipeline.recipe import Resources
+from storage.fs import StorageError
+from storage.options import configured
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,23 @@ def connect(resources: Resources) -> ModuleType:
 
 
 def start_runners(ray: ModuleType, resources: Resources, **kwargs: object) -> list:
+    """The workers, each reaching storage with the driver's resolved storage options."""
     from workers.actors import block_actor
 
     actor = block_actor(num_cpus=resources.cpus_per_worker)
-    return [actor.remote(threads=resources.cpus_per_worker, **kwargs) for _ in range(resources.workers)]
+    options = {"threads": resources.cpus_per_worker, "storage": configured(), **kwargs}
+    return [actor.remote(**options) for _ in range(resources.workers)]
+
+
+def get(ray: ModuleType, refs: object) -> object:
+    """ray.get, with a worker's storage or lamina error raised as itself (one clear line)
+    instead of Ray's wrapper that carries the remote traceback."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, (StorageError, LaminaError)):
+            raise e.cause from None
+        raise
 
 
 def split(n: int, parts: int) -> list[range]:

@@ -25,7 +25,7 @@ def _files(uri: str, pattern: str) -> list[tuple[Location, str]]:
     location = open_location(uri)
     if not location.exists():
         raise LaminaError(f"text source not found: {uri}")
-    if location.fs.isfile(location.root):
+    if location.isfile():
         parent, name = location.uri.rsplit("/", 1)
         return [(open_location(parent), name)]
     names = [n for n in location.list_files() if fnmatch.fnmatch(n, pattern)]

@@ -23,7 +23,8 @@ from pipeline.plan import BlockPlan, Plan, make_plan
 from pipeline.recipe import Recipe
 from storage.checkpoint import read_json
 from storage.fs import open_location
-from storage.staging import claim, publish, staging
+from storage.options import configure
+from storage.staging import claim, journal, publish, staging
 from storage.writer import FileRecord, put_bytes, put_json
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,7 @@ class Run:
         self.plan, self.ray, self.runners, self.run_id = plan, ray, runners, run_id
         self.output = open_location(plan.output_uri)
         self.stage = staging(self.output, run_id)
+        self.journal = journal(self.output, run_id)
         recipe = plan.recipe
         n = len(plan.blocks) + 1
         self.report = RunReport(
@@ -99,7 +101,7 @@ class Run:
 
     def timed(self, phase: str, refs: list) -> list:
         start = time.perf_counter()
-        out = self.ray.get(refs)
+        out = cluster.get(self.ray, refs)
         self.report.seconds[phase] += time.perf_counter() - start
         return out
 
@@ -116,8 +118,27 @@ class Run:
             "load", [r.set_inputs.remote({c: chunks[c] for c in s}) for r, s in zip(self.runners, shares, strict=True)]
         )
 
+    def begin(self) -> None:
+        """The journal's first entry: what this run is, and where its blocks go."""
+        recipe = self.plan.recipe
+        put_json(
+            self.journal,
+            "run.json",
+            {
+                "run_id": self.run_id,
+                "recipe_hash": recipe.hash(),
+                "fingerprint": self.plan.fingerprint,
+                "blocks": len(self.plan.blocks),
+                "shards": self.shards,
+                "workers": len(self.runners),
+                "started": time.time(),
+            },
+        )
+
     def block(self, block: BlockPlan) -> None:
+        """Quantize one block, write its shard into staging, and journal it."""
         plan, scheme = self.plan, self.plan.recipe.scheme
+        before = dict(self.report.seconds)
         self.timed("load", [r.load_block.remote(block.index) for r in self.runners])
         hessians = None
         if plan.needs_calibration:
@@ -140,14 +161,17 @@ class Run:
         if plan.needs_calibration and not last:
             propagated = [r.install.remote(scheme.grid, *solved) for r in self.runners]
             propagated += [r.forward.remote() for r in self.runners]
-        self.record(self.timed("write+propagate", [written, *propagated])[0])
+        record, names = self.timed("write+propagate", [written, *propagated])[0]
+        self.record((record, names))
+        seconds = {k: round(v - before[k], 3) for k, v in self.report.seconds.items() if v != before[k]}
+        entry = {"block": block.index, "file": vars(record), "tensors": sorted(names), "seconds": seconds}
+        put_json(self.journal, f"block-{block.index:05d}.json", entry)
 
     def finish(self) -> None:
         plan, recipe = self.plan, self.plan.recipe
         start = time.perf_counter()
-        self.record(
-            self.ray.get(self.runners[0].copy_tensors.remote(self.stage.uri, self.shards[-1], list(plan.other_tensors)))
-        )
+        copied = self.runners[0].copy_tensors.remote(self.stage.uri, self.shards[-1], list(plan.other_tensors))
+        self.record(cluster.get(self.ray, copied))
         source, stage = open_location(plan.source_uri), self.stage
         config = {**read_json(source, "config.json"), "quantization_config": quantization_config(recipe)}
         records = [put_json(stage, "config.json", config)]
@@ -180,12 +204,14 @@ def versions() -> dict[str, str]:
 
 def quantize(recipe: Recipe, *, progress: bool = True) -> RunReport:
     """Plan (all checks before any work), then quantize block by block on Ray, then publish."""
+    configure(recipe.storage)
     plan = make_plan(recipe)
     ray = cluster.connect(recipe.resources)
     run_id = claim(open_location(plan.output_uri), recipe_hash=recipe.hash(), fingerprint=plan.fingerprint)
     runners = cluster.start_runners(ray, recipe.resources, model_uri=plan.source_uri, layout=plan.layout)
     run = Run(plan, ray, runners, run_id)
     try:
+        run.begin()
         if plan.needs_calibration:
             run.set_inputs()
         bar = tqdm(plan.blocks, desc="quantize", unit="block", disable=not progress)

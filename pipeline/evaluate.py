@@ -37,11 +37,12 @@ def evaluate(model_uri: str, data: EvalData, resources: Resources, *, progress: 
     runners = cluster.start_runners(ray, resources, model_uri=checkpoint.uri, layout=layout)
     try:
         shares = cluster.split(len(windows), len(runners))
-        ray.get([r.set_inputs.remote({w: windows[w : w + 1] for w in s}) for r, s in zip(runners, shares, strict=True)])
+        inputs = [{w: windows[w : w + 1] for w in share} for share in shares]
+        cluster.get(ray, [r.set_inputs.remote(i) for r, i in zip(runners, inputs, strict=True)])
         n_blocks = checkpoint.config["num_hidden_layers"]
         for i in tqdm(range(n_blocks), desc=f"eval {checkpoint.uri}", unit="block", disable=not progress):
-            ray.get([r.load_block.remote(i) for r in runners] + [r.forward.remote() for r in runners])
-        scores = {w: s for part in ray.get([r.score.remote() for r in runners]) for w, s in part.items()}
+            cluster.get(ray, [r.load_block.remote(i) for r in runners] + [r.forward.remote() for r in runners])
+        scores = {w: s for part in cluster.get(ray, [r.score.remote() for r in runners]) for w, s in part.items()}
     finally:
         for r in runners:
             ray.kill(r)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from algorithms import GPTQConfig, UniformScheme
 from pipeline.errors import LaminaError
+from storage.options import literal_secrets
 
 
 class Strict(BaseModel):
@@ -88,10 +89,26 @@ class Recipe(Strict):
     scheme: Scheme = Scheme()
     eval: EvalData | None = None
     resources: Resources = Resources()
+    storage: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="fsspec options per URI prefix; credentials only as ${env:NAME} references",
+    )
+
+    @field_validator("storage")
+    @classmethod
+    def _no_literal_secrets(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for prefix, options in v.items():
+            if "://" not in prefix and not prefix.endswith("::"):
+                raise ValueError(f"{prefix!r} is not a URI prefix such as s3://bucket")
+            secrets = literal_secrets(options)
+            if secrets:
+                raise ValueError(f"{prefix}: {', '.join(secrets)} must be an ${{env:NAME}} reference, not a literal")
+        return v
 
     def hash(self) -> str:
-        """sha256 of everything that determines the artifact's bytes (not output or resources)."""
-        doc = self.model_dump(mode="json", exclude={"output", "resources", "eval"})
+        """sha256 of everything that determines the artifact's bytes (not where it is
+        written, with what resources, how storage is reached, or how it is evaluated)."""
+        doc = self.model_dump(mode="json", exclude={"output", "resources", "eval", "storage"})
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

@@ -1,22 +1,56 @@
 """URIs to filesystems: one place that turns 'file://', plain paths, 'memory://',
-'s3://' and 'gs://' into an fsspec filesystem and a path on it."""
+'s3://', 'gs://' and chained URIs ('faulty::file:///x') into an fsspec filesystem and a
+path on it, and the only place that talks to that filesystem.
+
+Every call is retried with exponential backoff on transient errors (connection resets,
+timeouts, throttling, short reads, writes that landed truncated), so that a run of hours
+survives a flaky store; errors that retrying cannot fix (missing file, permission, a
+create that lost the race) are raised at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import posixpath
+import random
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import fsspec
 from fsspec import AbstractFileSystem
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 PART_BYTES = 8 * 2**20  # multipart upload part size (S3's minimum is 5 MiB)
 REMOTE_OPTIONS: dict[str, dict] = {"s3": {"use_listings_cache": False}, "gs": {"use_listings_cache": False}}
+ATTEMPTS = 8  # tries per storage call
+BACKOFF_SECONDS = 0.1  # first wait; doubled per retry, with jitter, capped below
+MAX_BACKOFF_SECONDS = 10.0
+PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+fsspec.register_implementation("faulty", "storage.faults.FaultyFileSystem", clobber=True)
 
 
 class StorageError(Exception):
     """A storage problem worth one clear line to the user (missing, truncated, corrupt)."""
+
+
+class TornTransferError(OSError):
+    """A read or write that moved fewer bytes than it should have: retried like a reset."""
+
+
+def transient(error: BaseException) -> bool:
+    return isinstance(error, (OSError, TimeoutError)) and not isinstance(error, PERMANENT)
+
+
+def backoff(attempt: int) -> float:
+    return min(MAX_BACKOFF_SECONDS, BACKOFF_SECONDS * 2**attempt) * (0.5 + random.random() / 2)
 
 
 @dataclass(frozen=True)
@@ -26,47 +60,118 @@ class Location:
     fs: AbstractFileSystem
     root: str
     uri: str
-    traffic: Counter = field(default_factory=Counter, compare=False, repr=False)  # bytes_read, bytes_written
+    traffic: Counter = field(default_factory=Counter, compare=False, repr=False)  # bytes_read, bytes_written, retries
 
     def path(self, name: str) -> str:
-        if name.startswith("/") or ".." in name.split("/"):
+        if name.startswith("/") or "\\" in name or ".." in name.split("/") or "\0" in name:
             raise StorageError(f"{self.uri}: refusing unsafe file name {name!r}")
-        return posixpath.join(self.root, name)
+        return posixpath.join(self.root, name) if name else self.root
+
+    def retrying(self, what: str, call: Callable[[int], T]) -> T:
+        """call(attempt) until it succeeds, an error is permanent, or ATTEMPTS are spent."""
+        for attempt in range(ATTEMPTS):
+            try:
+                return call(attempt)
+            except PERMANENT:
+                raise
+            except Exception as e:
+                if not transient(e):
+                    raise
+                if attempt == ATTEMPTS - 1:
+                    raise StorageError(f"{self.uri}: {what} failed after {ATTEMPTS} attempts: {e}") from None
+                wait = backoff(attempt)
+                self.traffic["retries"] += 1
+                log.warning("%s: %s failed (%s); retry %d/%d in %.2f s", self.uri, what, e, attempt + 1, ATTEMPTS, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def exists(self, name: str = "") -> bool:
-        return self.fs.exists(self.path(name) if name else self.root)
+        path = self.path(name)
+        return self.retrying(f"exists {name}", lambda _: self.fs.exists(path))
+
+    def isfile(self, name: str = "") -> bool:
+        path = self.path(name)
+        return self.retrying(f"isfile {name}", lambda _: self.fs.isfile(path))
+
+    def size(self, name: str) -> int:
+        path = self.path(name)
+        try:
+            return int(self.retrying(f"size of {name}", lambda _: self.fs.size(path)))
+        except FileNotFoundError:
+            raise StorageError(f"{self.uri}: missing file {name}") from None
 
     def read_bytes(self, name: str, start: int | None = None, end: int | None = None) -> bytes:
+        """A whole file, or bytes [start, end) of it; a short answer is retried, never returned."""
+        path = self.path(name)
+
+        def read(_: int) -> bytes:
+            data = self.fs.cat_file(path, start=start, end=end)
+            want = (end - (start or 0)) if end is not None else int(self.fs.size(path)) - (start or 0)
+            if len(data) != want:
+                raise TornTransferError(f"short read of {name}: {len(data)} of {want} bytes")
+            return data
+
         try:
-            data = self.fs.cat_file(self.path(name), start=start, end=end)
+            data = self.retrying(f"read {name}", read)
         except FileNotFoundError:
             raise StorageError(f"{self.uri}: missing file {name}") from None
         self.traffic["bytes_read"] += len(data)
         return data
 
-    def size(self, name: str) -> int:
+    def write_bytes(self, name: str, data: bytes, *, exclusive: bool = False) -> None:
+        """Write a whole file; on object stores anything over PART_BYTES goes multipart. The
+        stored size is checked after every write: a torn upload is written again.
+
+        exclusive: create the file only if it does not exist (an S3 or GCS conditional write,
+        O_EXCL locally), else raise FileExistsError; for small control files. If an earlier
+        attempt of this call created it before its answer was lost, the retry finds our own
+        bytes there and succeeds."""
+        path = self.path(name)
+        parent = posixpath.dirname(path)
+
+        def write(attempt: int) -> None:
+            if parent:
+                self.fs.makedirs(parent, exist_ok=True)
+            if exclusive:
+                try:
+                    self.fs.pipe_file(path, data, mode="create")
+                except FileExistsError:
+                    if attempt == 0 or self.fs.cat_file(path) != data:
+                        raise
+            else:
+                with self.fs.open(path, "wb", block_size=PART_BYTES) as f:
+                    for offset in range(0, len(data), PART_BYTES):
+                        f.write(data[offset : offset + PART_BYTES])
+            stored = int(self.fs.size(path))
+            if stored != len(data):
+                if exclusive:
+                    raise StorageError(f"{self.uri}: {name} was stored with {stored} of {len(data)} bytes")
+                raise TornTransferError(f"{name} stored with {stored} of {len(data)} bytes")
+
+        self.retrying(f"write {name}", write)
+        self.traffic["bytes_written"] += len(data)
+
+    def copy(self, name: str, to: str, size: int) -> None:
+        """Copy a file within the store (server-side on S3 and GCS); check the copy's size."""
+        src, dst = self.path(name), self.path(to)
+
+        def copy(_: int) -> None:
+            if posixpath.dirname(dst):
+                self.fs.makedirs(posixpath.dirname(dst), exist_ok=True)
+            self.fs.copy(src, dst)
+            if int(self.fs.size(dst)) != size:
+                raise TornTransferError(f"copy of {name} to {to} is not {size} bytes")
+
         try:
-            return int(self.fs.size(self.path(name)))
+            self.retrying(f"copy {name}", copy)
         except FileNotFoundError:
             raise StorageError(f"{self.uri}: missing file {name}") from None
 
-    def write_bytes(self, name: str, data: bytes, *, exclusive: bool = False) -> None:
-        """Write a whole file; on object stores anything over PART_BYTES goes multipart.
-
-        exclusive: create the file only if it does not exist (an S3 conditional write,
-        O_EXCL locally), else raise FileExistsError; for small control files."""
+    def remove(self, name: str = "") -> None:
+        """Remove a file or a folder with everything below it; gone already is fine."""
         path = self.path(name)
-        parent = posixpath.dirname(path)
-        if parent:
-            self.fs.makedirs(parent, exist_ok=True)
-        if exclusive:
-            self.fs.pipe_file(path, data, mode="create")
-            self.traffic["bytes_written"] += len(data)
-            return
-        with self.fs.open(path, "wb", block_size=PART_BYTES) as f:
-            for offset in range(0, len(data), PART_BYTES):
-                f.write(data[offset : offset + PART_BYTES])
-        self.traffic["bytes_written"] += len(data)
+        with contextlib.suppress(FileNotFoundError):
+            self.retrying(f"remove {name or self.root}", lambda _: self.fs.rm(path, recursive=True))
 
     def child(self, name: str) -> Location:
         """The sub-folder `name` as a Location of its own."""
@@ -74,21 +179,58 @@ class Location:
 
     def list_files(self) -> list[str]:
         """Names of all files below the folder, relative to it, sorted."""
-        if not self.fs.exists(self.root):
-            return []
-        found = self.fs.find(self.root)
+
+        def find(_: int) -> list[str]:
+            return self.fs.find(self.root) if self.fs.exists(self.root) else []
+
         prefix = self.root.rstrip("/") + "/"
-        return sorted(p[len(prefix) :] if p.startswith(prefix) else p for p in found)
+        return sorted(p[len(prefix) :] if p.startswith(prefix) else p for p in self.retrying("list", find))
+
+    def glob(self, pattern: str) -> list[str]:
+        """Names matching a glob pattern relative to the folder, sorted."""
+        prefix = self.root.rstrip("/") + "/"
+        found = self.retrying(f"glob {pattern}", lambda _: self.fs.glob(self.path(pattern)))
+        return sorted(p[len(prefix) :] for p in found if p.startswith(prefix))
+
+
+def protocols(uri: str) -> list[str]:
+    """The protocols of a (possibly chained) URI, outermost first: 'faulty::s3://b' -> [faulty, s3]."""
+    if "://" not in uri:
+        return ["file"]
+    return [part.split("://", 1)[0] if "://" in part else part for part in uri.split("::")]
 
 
 def open_location(uri: str) -> Location:
-    """'s3://bucket/x', 'file:///x', 'memory://x' or a plain (relative) path -> Location.
+    """'s3://bucket/x', 'gs://bucket/x', 'file:///x', 'memory://x', a chained URI or a
+    plain (relative) path -> Location.
 
-    S3 endpoint, region and credentials come from the standard provider chain
-    (AWS_ENDPOINT_URL, AWS_* variables, ~/.aws, instance roles); listings are never cached,
-    since other processes (the workers) write into the same folders."""
+    Options for the filesystem come from `storage.options` (the recipe's `storage:`
+    section), else from the standard chains: for S3 the AWS_ENDPOINT_URL and AWS_*
+    variables, ~/.aws and instance roles; for GCS GOOGLE_APPLICATION_CREDENTIALS or the
+    metadata server. Listings are never cached, since other processes (the workers) write
+    into the same folders."""
+    from storage.options import options_for
+
     if "://" not in uri:
         uri = os.path.abspath(uri)
-    protocol = uri.split("://", 1)[0] if "://" in uri else "file"
-    fs, root = fsspec.core.url_to_fs(uri, **REMOTE_OPTIONS.get(protocol, {}))
+    chain = protocols(uri)
+    kwargs: dict = {}
+    for depth, protocol in enumerate(chain):
+        fixed = REMOTE_OPTIONS.get(protocol, {})
+        if depth == 0:
+            kwargs.update(fixed)
+        elif fixed:
+            kwargs[protocol] = {**fixed}
+    for key, value in options_for(uri).items():
+        if isinstance(value, dict) and isinstance(kwargs.get(key), dict):
+            kwargs[key] = {**kwargs[key], **value}
+        else:
+            kwargs[key] = value
+    try:
+        fs, root = fsspec.core.url_to_fs(uri, **kwargs)
+    except ImportError as e:
+        hint = "; for gs:// install lamina[gcs]" if "gs" in chain else ""
+        raise StorageError(f"{uri}: no filesystem for it is installed ({e}){hint}") from None
+    except ValueError as e:
+        raise StorageError(f"{uri}: {e}") from None
     return Location(fs=fs, root=root.rstrip("/") or "/", uri=uri)

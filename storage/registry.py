@@ -28,10 +28,8 @@ def _scheme(recipe: dict) -> str:
 def list_versions(registry_uri: str) -> list[Version]:
     """Every published version under the registry, sorted by model then version."""
     registry = open_location(registry_uri)
-    prefix = registry.root.rstrip("/") + "/"
-    found = sorted(p[len(prefix) :] for p in registry.fs.glob(registry.path(f"*/*/{MANIFEST}")))
     out = []
-    for rel in found:
+    for rel in registry.glob(f"*/*/{MANIFEST}"):
         model, version, _ = rel.split("/")
         uri = registry.child(f"{model}/{version}").uri
         doc = read_manifest(uri)

@@ -57,6 +57,8 @@ class SafetensorsHeader:
 
 
 def _entry(file: str, name: str, spec: object) -> TensorEntry:
+    if not name or any(c in name for c in "/\\\0"):
+        raise StorageError(f"{file}: refusing unsafe tensor name {name!r}")
     if not isinstance(spec, dict) or set(spec) != {"dtype", "shape", "data_offsets"}:
         raise StorageError(f"{file}: malformed header entry for tensor {name!r}")
     dtype, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]
@@ -70,6 +72,16 @@ def _entry(file: str, name: str, spec: object) -> TensorEntry:
     if end - begin != expected:
         raise StorageError(f"{file}: tensor {name!r} spans {end - begin} bytes, its shape needs {expected}")
     return TensorEntry(dtype=dtype, shape=tuple(shape), begin=begin, end=end)
+
+
+def _check_layout(file: str, entries: dict[str, TensorEntry]) -> None:
+    """Tensors must tile the data section: no overlaps, no holes (as safetensors writes them)."""
+    at = 0
+    for name, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if e.begin != at:
+            kind = "overlaps the tensor before it" if e.begin < at else "leaves a gap before it"
+            raise StorageError(f"{file}: header lies about offsets: tensor {name!r} {kind}")
+        at = e.end
 
 
 def read_header(location: Location, file: str) -> SafetensorsHeader:
@@ -89,6 +101,7 @@ def read_header(location: Location, file: str) -> SafetensorsHeader:
         raise StorageError(f"{location.uri}/{file}: safetensors header is not a JSON object")
     doc.pop("__metadata__", None)
     entries = {name: _entry(f"{location.uri}/{file}", name, spec) for name, spec in doc.items()}
+    _check_layout(f"{location.uri}/{file}", entries)
     header = SafetensorsHeader(file=file, data_start=8 + n, entries=entries, raw=raw)
     if header.data_start + header.data_bytes != size:
         raise StorageError(

@@ -1,7 +1,8 @@
 """Atomic publish on stores without rename.
 
 A run first claims its output folder (an exclusive create of `.lamina/claim.json`), writes
-every file under `.lamina/staging/<run_id>/`, and publishes by copying the staged files to
+every file under `.lamina/staging/<run_id>/`, journals each finished block under
+`.lamina/journal/<run_id>/`, and publishes by copying the staged files to
 their final names (server-side on S3) and then creating the manifest, which only one
 writer can create. Readers ignore a folder without a manifest, so they never see a mix.
 
@@ -47,17 +48,24 @@ def claim(output: Location, *, recipe_hash: str, fingerprint: str) -> str:
 
 
 def staging(output: Location, run_id: str) -> Location:
+    """Where a run writes the artifact's files before publishing."""
     return output.child(f"{CONTROL}/staging/{run_id}")
 
 
+def journal(output: Location, run_id: str) -> Location:
+    """Where a run records what it finished (one JSON file per block, with its file's
+    sha256), beside its staging data and never published with it."""
+    return output.child(f"{CONTROL}/journal/{run_id}")
+
+
 def publish(output: Location, run_id: str, files: list[FileRecord], **fields: object) -> FileRecord:
-    """Copy the staged files into place, create the manifest last, then drop the staging."""
-    staged = staging(output, run_id)
+    """Copy the staged files into place (each copy's size checked), create the manifest
+    last, then drop the staging and the journal."""
     for record in files:
-        output.fs.copy(staged.path(record.name), output.path(record.name))
+        output.copy(f"{CONTROL}/staging/{run_id}/{record.name}", record.name, record.size)
     try:
         manifest = write_manifest(output, files, **fields)
     except FileExistsError:
         raise StorageError(f"output {output.uri} was published by another run first") from None
-    output.fs.rm(output.path(CONTROL), recursive=True)
+    output.remove(CONTROL)
     return manifest

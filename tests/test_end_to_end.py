@@ -64,10 +64,14 @@ def test_gptq_4bit_g64_sym_quality(protocol_runs) -> None:
     assert ppl["rtn"] > ppl["gptq"] + 1.0
 
 
+FLAKY = {"fail_rate": 0.05, "truncate_rate": 0.05, "seed": 7}  # of every storage call, in every process
+
+
 @pytest.fixture(scope="module")
 def small_runs(tmp_path_factory, ray_cluster, s3_endpoint, model_dir):
-    """The same small-calibration GPTQ recipe with 1 and 2 workers on local files, and with
-    2 workers reading the source from and writing the artifact to S3 (loopback)."""
+    """The same small-calibration GPTQ recipe with 1 and 2 workers on local files, with 2
+    workers reading the source from and writing the artifact to S3 (loopback), and with 2
+    workers on a store that fails and truncates a fraction of all calls."""
     tmp = tmp_path_factory.mktemp("small")
     small = {"samples": 8, "seq_len": 128, "chunk_size": 2}
     s3_model, s3_registry = f"{s3_endpoint}/models/smollm2-135m", f"{s3_endpoint}/registry/smollm2-135m/w4g64"
@@ -76,6 +80,13 @@ def small_runs(tmp_path_factory, ray_cluster, s3_endpoint, model_dir):
         "w1": recipe_doc(tmp / "w1", calibration=small, resources={"workers": 1}),
         "w2": recipe_doc(tmp / "w2", calibration=small),
         "s3": recipe_doc(tmp / "s3", calibration=small, model=s3_model, output=s3_registry),
+        "faulty": recipe_doc(
+            tmp / "faulty",
+            calibration=small,
+            model=f"faulty::file://{model_dir}",
+            output=f"faulty::file://{tmp}/faulty/artifact",
+            storage={"faulty::file://": FLAKY},
+        ),
     }
     return {name: quantize(parse(doc), progress=False) for name, doc in docs.items()}
 
@@ -114,3 +125,13 @@ def test_transformers_does_not_mistake_our_kernels_package() -> None:
     spec = importlib.util.find_spec("kernels")
     assert spec is not None and Path(spec.origin).parent == ROOT / "kernels"  # ours is importable...
     assert transformers.utils.is_kernels_available() is False  # ...and not taken for Hugging Face's
+
+
+def test_a_flaky_store_still_gives_the_same_verified_artifact(small_runs) -> None:
+    run = small_runs["faulty"]
+    plain = run.output.removeprefix("faulty::file://")
+    injected = open_location(run.output).fs.injected  # this process's share: claim, journal, publish
+    assert injected["failures"] > 0 and injected["truncations"] > 0
+    assert verify(plain) == []
+    assert shard_hashes(run) == shard_hashes(small_runs["w2"])
+    assert not any(f.startswith(".lamina") for f in open_location(plain).list_files())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import uuid
@@ -16,7 +17,7 @@ from storage.checkpoint import Checkpoint
 from storage.fs import open_location
 from storage.manifest import read_manifest, verify, write_manifest
 from storage.safetensors_io import read_header, read_tensors
-from storage.writer import put_bytes
+from storage.writer import FileRecord, put_bytes
 
 
 def test_range_reads_equal_the_whole_file_load(model_dir) -> None:
@@ -55,6 +56,66 @@ def test_header_that_lies_about_offsets_is_refused(tmp_path) -> None:
     open_location(str(tmp_path)).write_bytes("lie.safetensors", struct.pack("<Q", len(header)) + header + bytes(64))
     with pytest.raises(StorageError, match="spans 32 bytes"):
         read_header(open_location(str(tmp_path)), "lie.safetensors")
+
+
+def raw_safetensors(header: dict, data_bytes: int) -> bytes:
+    doc = json.dumps(header).encode()
+    return struct.pack("<Q", len(doc)) + doc + bytes(data_bytes)
+
+
+@pytest.mark.parametrize(
+    ("header", "data_bytes", "complaint"),
+    [
+        (
+            {
+                "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+            },
+            24,
+            "tensor 'b' overlaps the tensor before it",
+        ),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]},
+            },
+            24,
+            "tensor 'b' leaves a gap before it",
+        ),
+        ({"../../w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 8, "unsafe tensor name '../../w'"),
+        ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": 1}}, 8, "malformed header entry"),
+    ],
+    ids=["overlap", "gap", "traversal", "extra-field"],
+)
+def test_headers_that_lie_are_refused(tmp_path, header: dict, data_bytes: int, complaint: str) -> None:
+    location = open_location(str(tmp_path))
+    location.write_bytes("bad.safetensors", raw_safetensors(header, data_bytes))
+    with pytest.raises(StorageError, match=re.escape(complaint)):
+        read_header(location, "bad.safetensors")
+
+
+def test_file_cut_inside_its_header_is_refused(tmp_path) -> None:
+    location = open_location(str(tmp_path))
+    data = save({"w": torch.randn(8, 8)})
+    location.write_bytes("cut.safetensors", data[:20])
+    with pytest.raises(StorageError, match="truncated or corrupt safetensors header"):
+        read_header(location, "cut.safetensors")
+
+
+def test_missing_shard_is_named(tmp_path, model_dir) -> None:
+    shutil.copytree(model_dir, tmp_path / "m")
+    shard = sorted((tmp_path / "m").glob("*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(StorageError, match=f"missing file {shard.name}"):
+        Checkpoint(str(tmp_path / "m"))
+
+
+def test_manifest_naming_a_file_outside_the_artifact_is_refused(tmp_path) -> None:
+    (tmp_path / "secret.txt").write_text("not yours")
+    location = open_location(str(tmp_path / "artifact"))
+    write_manifest(location, [FileRecord(name="../secret.txt", sha256="0" * 64, size=9)], recipe={})
+    with pytest.raises(StorageError, match=r"refusing unsafe file name '\.\./secret\.txt'"):
+        verify(str(tmp_path / "artifact"))
 
 
 def test_index_with_path_traversal_is_refused(tmp_path, model_dir) -> None:

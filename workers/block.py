@@ -18,6 +18,7 @@ from algorithms import QUANTIZERS, GPTQConfig, QuantizedWeight, UniformScheme
 from algorithms.hessian import input_gram
 from kernels import QuantLinear
 from storage.checkpoint import Checkpoint
+from storage.options import configure
 from storage.writer import FileRecord, put_tensors
 from workers.layout import BlockLayout
 
@@ -48,8 +49,9 @@ class BlockRunner:
     """Loads blocks of the checkpoint at `model_uri` (source or quantized artifact) and
     runs the chunks it was given through them."""
 
-    def __init__(self, *, model_uri: str, layout: BlockLayout, threads: int):
+    def __init__(self, *, model_uri: str, layout: BlockLayout, threads: int, storage: dict[str, dict] | None = None):
         torch.set_num_threads(threads)
+        configure(storage or {}, resolved=True)
         self.checkpoint = Checkpoint(model_uri)
         self.layout = layout
         self.config = model_config(self.checkpoint.config)
