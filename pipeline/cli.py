@@ -1,4 +1,4 @@
-"""`lamina`: quantize, eval and verify. Errors are one line on stderr and exit code 2."""
+"""`lamina`: quantize, eval, verify, status and ls. Errors are one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -81,6 +81,27 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from storage import journal
+    from storage.fs import open_location
+    from storage.manifest import MANIFEST, read_manifest
+
+    output = open_location(args.output)
+    if output.exists(MANIFEST):
+        doc = read_manifest(args.output)
+        print(f"{args.output}: published {doc.get('created', '')}, recipe {str(doc.get('recipe_hash', ''))[:16]}")
+        return 0
+    found = journal.read(output)
+    if found is None:
+        print(f"{args.output}: no run has claimed this output")
+        return 1
+    about, blocks = found
+    total = about.get("blocks", "?")
+    last = f", last finished: block {max(blocks)}" if blocks else ""
+    print(f"{args.output}: run {about['run_id']} not published; {len(blocks)} of {total} blocks journaled{last}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lamina", description="Distributed quantization of large language models.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -102,6 +123,9 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="re-hash every file of an artifact against its manifest")
     v.add_argument("artifact")
     v.set_defaults(func=cmd_verify)
+    st = sub.add_parser("status", help="progress of a running or dead run on OUTPUT, from its journal")
+    st.add_argument("output")
+    st.set_defaults(func=cmd_status)
     ls = sub.add_parser("ls", help="published versions in a registry (REGISTRY/<model>/<version>/)")
     ls.add_argument("registry")
     ls.set_defaults(func=cmd_ls)

@@ -21,10 +21,11 @@ from tqdm import tqdm
 from pipeline import cluster
 from pipeline.plan import BlockPlan, Plan, make_plan
 from pipeline.recipe import Recipe
+from storage import journal
 from storage.checkpoint import read_json
 from storage.fs import open_location
 from storage.options import configure
-from storage.staging import claim, journal, publish, staging
+from storage.staging import claim, publish, staging
 from storage.writer import FileRecord, put_bytes, put_json
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,6 @@ class Run:
         self.plan, self.ray, self.runners, self.run_id = plan, ray, runners, run_id
         self.output = open_location(plan.output_uri)
         self.stage = staging(self.output, run_id)
-        self.journal = journal(self.output, run_id)
         recipe = plan.recipe
         n = len(plan.blocks) + 1
         self.report = RunReport(
@@ -121,18 +121,15 @@ class Run:
     def begin(self) -> None:
         """The journal's first entry: what this run is, and where its blocks go."""
         recipe = self.plan.recipe
-        put_json(
-            self.journal,
-            "run.json",
-            {
-                "run_id": self.run_id,
-                "recipe_hash": recipe.hash(),
-                "fingerprint": self.plan.fingerprint,
-                "blocks": len(self.plan.blocks),
-                "shards": self.shards,
-                "workers": len(self.runners),
-                "started": time.time(),
-            },
+        journal.begin(
+            self.output,
+            self.run_id,
+            recipe_hash=recipe.hash(),
+            fingerprint=self.plan.fingerprint,
+            blocks=len(self.plan.blocks),
+            shards=self.shards,
+            workers=len(self.runners),
+            started=time.time(),
         )
 
     def block(self, block: BlockPlan) -> None:
@@ -164,8 +161,7 @@ class Run:
         record, names = self.timed("write+propagate", [written, *propagated])[0]
         self.record((record, names))
         seconds = {k: round(v - before[k], 3) for k, v in self.report.seconds.items() if v != before[k]}
-        entry = {"block": block.index, "file": vars(record), "tensors": sorted(names), "seconds": seconds}
-        put_json(self.journal, f"block-{block.index:05d}.json", entry)
+        journal.block_done(self.output, self.run_id, block.index, record, tensors=sorted(names), seconds=seconds)
 
     def finish(self) -> None:
         plan, recipe = self.plan, self.plan.recipe

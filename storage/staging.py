@@ -17,11 +17,9 @@ import time
 import uuid
 
 from storage.fs import Location, StorageError
+from storage.journal import CLAIM, CONTROL
 from storage.manifest import MANIFEST, write_manifest
 from storage.writer import FileRecord, put_json
-
-CONTROL = ".lamina"
-CLAIM = f"{CONTROL}/claim.json"
 
 
 def claim(output: Location, *, recipe_hash: str, fingerprint: str) -> str:
@@ -50,12 +48,6 @@ def claim(output: Location, *, recipe_hash: str, fingerprint: str) -> str:
 def staging(output: Location, run_id: str) -> Location:
     """Where a run writes the artifact's files before publishing."""
     return output.child(f"{CONTROL}/staging/{run_id}")
-
-
-def journal(output: Location, run_id: str) -> Location:
-    """Where a run records what it finished (one JSON file per block, with its file's
-    sha256), beside its staging data and never published with it."""
-    return output.child(f"{CONTROL}/journal/{run_id}")
 
 
 def publish(output: Location, run_id: str, files: list[FileRecord], **fields: object) -> FileRecord:

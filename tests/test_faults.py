@@ -97,6 +97,9 @@ def test_a_store_that_goes_away_fails_the_run_clearly_and_publishes_nothing(
     assert journaled["block"] == 0 and journaled["file"]["name"] == "model-00001-of-00031.safetensors"
     assert journaled["file"]["sha256"] == hashlib.sha256((output / shard).read_bytes()).hexdigest()
     assert "model.layers.0.mlp.down_proj.qweight" in journaled["tensors"]
+    done = sum(f.startswith(f"{CONTROL}/journal/") and f.endswith(".json") for f in left) - 1  # less run.json
+    assert main(["status", str(output)]) == 0
+    assert f"not published; {done} of 30 blocks journaled" in capsys.readouterr().out
 
 
 def test_recipe_refuses_literal_credentials() -> None:
