@@ -57,6 +57,14 @@ def get(ray: ModuleType, refs: object) -> object:
         if isinstance(e.cause, (StorageError, LaminaError)):
             raise e.cause from None
         raise
+    except ray.exceptions.RayActorError as e:
+        # a worker whose constructor raised: Ray keeps only the text of the traceback
+        last = (getattr(e, "error_msg", "") or str(e)).strip().splitlines()[-1]
+        for kind in (StorageError, LaminaError):
+            prefix = f"{kind.__module__}.{kind.__name__}: "
+            if getattr(e, "_actor_init_failed", False) and last.startswith(prefix):
+                raise kind(f"a worker could not start: {last.removeprefix(prefix)}") from None
+        raise
 
 
 def split(n: int, parts: int) -> list[range]:

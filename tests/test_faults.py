@@ -133,3 +133,15 @@ def test_storage_options_reach_the_filesystem_by_reference(s3_endpoint, monkeypa
     monkeypatch.delenv("LAMINA_TEST_SECRET")
     with pytest.raises(StorageError, match="environment variable LAMINA_TEST_SECRET is not set"):
         configure(recipe.storage)
+
+
+def test_a_worker_that_cannot_reach_storage_is_one_clear_line(ray_cluster, tmp_path, model_dir) -> None:
+    from pipeline import cluster
+    from pipeline.architectures import layout_for
+    from pipeline.recipe import Resources
+    from storage.checkpoint import Checkpoint
+
+    layout = layout_for(Checkpoint(str(model_dir)).config)
+    runners = cluster.start_runners(ray_cluster, Resources(workers=1), model_uri=str(tmp_path / "gone"), layout=layout)
+    with pytest.raises(StorageError, match=r"^a worker could not start: model source not found: .*gone$"):
+        cluster.get(ray_cluster, runners[0].forward.remote())
