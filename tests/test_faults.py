@@ -39,7 +39,9 @@ def test_every_transfer_on_a_flaky_store_comes_back_whole(store: str) -> None:
     uri = faulty(store)
     configure({"faulty::": {"fail_rate": 0.1, "truncate_rate": 0.1, "seed": 3}})
     location = open_location(uri)
-    payloads = {f"d/{i}.bin": bytes([i]) * (1000 + 37 * i) for i in range(30)}
+    # letters: the GCS emulator drops a trailing CR byte of an upload (lamina's size check
+    # caught that; it is the emulator's multipart parsing, not GCS)
+    payloads = {f"d/{i}.bin": bytes([65 + i]) * (1000 + 37 * i) for i in range(30)}
     for name, data in payloads.items():
         location.write_bytes(name, data)
     location.write_bytes("claim.json", b"{}", exclusive=True)

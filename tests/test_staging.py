@@ -58,7 +58,7 @@ def test_a_second_publish_of_the_same_version_fails_clearly(store: str, staged: 
     assert read_manifest(store)["winner"] == 1 and verify(store) == []
 
 
-@pytest.mark.parametrize("store", ["file", "s3"], indirect=True)
+@pytest.mark.parametrize("store", ["file", "s3", "gs"], indirect=True)
 def test_two_concurrent_publishers_end_with_exactly_one_version(store: str, staged: tuple) -> None:
     output, run_id, files = staged
     barrier, outcomes = threading.Barrier(2), []
