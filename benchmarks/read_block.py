@@ -129,13 +129,14 @@ def lamina_read(uri: str, block: int) -> tuple[Timing, Tensors]:
     return Timing(fetched=checkpoint.location.traffic["bytes_read"], phases=phases, opening=opening), tensors
 
 
-def baseline_get(uri: str, names: list[str]) -> tuple[Timing, Tensors]:
-    """fsspec `get` of the whole shard to a local file, then safetensors loads the block from it."""
+def baseline_get(uri: str, names: list[str], concurrency: int) -> tuple[Timing, Tensors]:
+    """fsspec `get` of the whole shard to a local file, then safetensors loads the block from it.
+    With concurrency > 1, s3fs fetches 50 MiB ranges that many at a time (its default is 10)."""
     location = open_location(uri)
     with tempfile.TemporaryDirectory(prefix="lamina-bench-get-") as tmp:
         local = os.path.join(tmp, SHARD)
         start = time.perf_counter()
-        location.fs.get(location.path(SHARD), local)
+        location.fs.get(location.path(SHARD), local, max_concurrency=concurrency)
         fetched = time.perf_counter()
         with safe_open(local, framework="pt") as f:
             tensors = {name: f.get_tensor(name) for name in names}
@@ -148,13 +149,15 @@ def equal(ours: Tensors, theirs: Tensors) -> bool:
     return ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
 
 
-def measure(uri: str, block: int, names: list[str], repeat: int) -> tuple[Timing, Timing, bool]:
+def measure(
+    *, uri: str, block: int, names: list[str], repeat: int, get_concurrency: int
+) -> tuple[Timing, Timing, bool]:
     """Both reads, interleaved `repeat` times: the fastest of each, and whether every pair matched."""
     best: dict[str, Timing] = {}
     matched = True
     for _ in range(repeat):
         ours, our_tensors = lamina_read(uri, block)
-        theirs, their_tensors = baseline_get(uri, names)
+        theirs, their_tensors = baseline_get(uri, names, get_concurrency)
         matched = matched and equal(our_tensors, their_tensors)
         del our_tensors, their_tensors  # one run's tensors at a time
         for key, timing in (("lamina", ours), ("baseline", theirs)):
@@ -220,13 +223,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="report the best of this many timings")
     parser.add_argument("--block", type=int, default=40, help="the block to read (1 .. 78)")
     parser.add_argument("--store", choices=["s3", "file"], default="s3", help="moto S3 on loopback, or a temp folder")
+    parser.add_argument(
+        "--get-concurrency",
+        type=int,
+        default=1,
+        help="ranged GETs s3fs's `get` runs at once (1: one streamed GET; s3fs's own default is 10)",
+    )
     args = parser.parse_args()
     if HIDDEN % (args.scale * HEADS // KV_HEADS) or INTERMEDIATE % args.scale:
         parser.error(f"--scale {args.scale} must divide {HIDDEN // (HEADS // KV_HEADS)} and {INTERMEDIATE}")
     if not 1 <= args.block <= LAYERS - 2:
         parser.error(f"--block must be in 1 .. {LAYERS - 2}: the shard holds its neighbours")
-    if args.repeat < 1:
-        parser.error("--repeat must be at least 1")
+    if args.repeat < 1 or args.get_concurrency < 1:
+        parser.error("--repeat and --get-concurrency must be at least 1")
     return args
 
 
@@ -245,9 +254,12 @@ def main() -> None:
             f"setup    Llama-3-70B shapes / {args.scale} (hidden {hidden}, intermediate {intermediate}), "
             f"block {args.block}: {len(names)} tensors, {needed / MB:.1f} MB; shard {shard / MB:.1f} MB "
             f"with blocks {args.block - 1} (part), {args.block}, {args.block + 1} (part); "
-            f"written to {uri} in {time.perf_counter() - start:.1f} s"
+            f"written to {uri} in {time.perf_counter() - start:.1f} s; baseline get runs "
+            f"{args.get_concurrency} GET(s) at a time"
         )
-        ours, theirs, matched = measure(uri, args.block, names, args.repeat)
+        ours, theirs, matched = measure(
+            uri=uri, block=args.block, names=names, repeat=args.repeat, get_concurrency=args.get_concurrency
+        )
     report(ours=ours, theirs=theirs, needed=needed, matched=matched, repeat=args.repeat)
 
 

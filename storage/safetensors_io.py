@@ -123,15 +123,20 @@ def _runs(header: SafetensorsHeader, names: list[str]) -> list[list[str]]:
 
 
 def read_tensors(location: Location, header: SafetensorsHeader, names: list[str]) -> dict[str, torch.Tensor]:
-    """Fetch the named tensors with one range read per run of adjacent tensors."""
+    """Fetch the named tensors with one range read per run of adjacent tensors; the tensors
+    of a run are views of its one buffer (no copies)."""
     out: dict[str, torch.Tensor] = {}
     for run in _runs(header, names):
         begin, end = header.entries[run[0]].begin, header.entries[run[-1]].end
-        data = location.read_bytes(header.file, header.data_start + begin, header.data_start + end)
+        data = location.read_range(header.file, header.data_start + begin, header.data_start + end)
         for name in run:
             e = header.entries[name]
-            piece = bytearray(data[e.begin - begin : e.end - begin])
             dtype = DTYPES[e.dtype]
-            flat = torch.frombuffer(piece, dtype=dtype) if piece else torch.empty(0, dtype=dtype)
+            if e.nbytes:
+                flat = torch.frombuffer(data, dtype=dtype, count=e.nbytes // dtype.itemsize, offset=e.begin - begin)
+                if (e.begin - begin) % dtype.itemsize:  # a hand-made file may misalign; kernels want aligned
+                    flat = flat.clone()
+            else:
+                flat = torch.empty(0, dtype=dtype)
             out[name] = flat.reshape(e.shape)
     return out
