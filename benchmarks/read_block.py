@@ -138,8 +138,8 @@ def baseline_get(uri: str, names: list[str], concurrency: int) -> tuple[Timing, 
         start = time.perf_counter()
         location.fs.get(location.path(SHARD), local, max_concurrency=concurrency)
         fetched = time.perf_counter()
-        with safe_open(local, framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in names}
+        with safe_open(local, framework="pt") as f:  # get_tensor maps the file; clone reads it, as lamina's read does
+            tensors = {name: f.get_tensor(name).clone() for name in names}
         done = time.perf_counter()
         size = os.path.getsize(local)
     return Timing(fetched=size, phases={"get": fetched - start, "load": done - fetched}), tensors

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PART_BYTES = 8 * 2**20  # multipart upload part size (S3's minimum is 5 MiB)
-READ_PART_BYTES = 16 * 2**20  # large range reads are split into parts fetched concurrently
+READ_PART_BYTES = 16 * 2**20  # large range reads are split into parts of at least this size...
+READ_STREAMS = int(os.environ.get("LAMINA_READ_STREAMS", "8"))  # ...and at most this many, fetched at once
 REMOTE_OPTIONS: dict[str, dict] = {"s3": {"use_listings_cache": False}, "gs": {"use_listings_cache": False}}
 ATTEMPTS = 8  # tries per storage call
 BACKOFF_SECONDS = 0.1  # first wait; doubled per retry, with jitter, capped below
@@ -120,12 +121,14 @@ class Location:
         return data
 
     def read_range(self, name: str, start: int, end: int) -> bytearray:
-        """Bytes [start, end) of a file, fetched as READ_PART_BYTES parts at once (concurrent
-        requests on S3 and GCS: one stream is ~100 MB/s, a block of a 70B model ~1.7 GB);
-        a retry fetches only the parts that failed or came back short."""
+        """Bytes [start, end) of a file, fetched as up to READ_STREAMS parts at once
+        (concurrent requests on S3 and GCS: one stream gives ~100 MB/s, and a block of a 70B
+        model is ~1.7 GB); a retry fetches only the parts that failed or came back short."""
         path = self.path(name)
-        starts = list(range(start, end, READ_PART_BYTES))
-        ends = [min(s + READ_PART_BYTES, end) for s in starts]
+        parts = max(1, min(READ_STREAMS, (end - start) // READ_PART_BYTES))
+        step = -(-(end - start) // parts) if end > start else 1
+        starts = list(range(start, end, step))
+        ends = [min(s + step, end) for s in starts]
         out, done = bytearray(end - start), [False] * len(starts)
 
         def read(_: int) -> None:

@@ -150,7 +150,8 @@ def test_a_worker_that_cannot_reach_storage_is_one_clear_line(ray_cluster, tmp_p
 
 
 def test_large_range_reads_come_in_parts_and_retry_only_the_parts_that_failed(store: str, monkeypatch) -> None:
-    monkeypatch.setattr(storage.fs, "READ_PART_BYTES", 4096)
+    monkeypatch.setattr(storage.fs, "READ_PART_BYTES", 3920)
+    monkeypatch.setattr(storage.fs, "READ_STREAMS", 25)
     data = bytes(range(251)) * 400  # 100,400 bytes: 25 parts of the range below
     open_location(store).write_bytes("big.bin", data)
     configure({"faulty::": {"fail_rate": 0.2, "truncate_rate": 0.2, "seed": 5}})
