@@ -34,6 +34,7 @@ REMOTE_OPTIONS: dict[str, dict] = {"s3": {"use_listings_cache": False}, "gs": {"
 ATTEMPTS = 8  # tries per storage call
 BACKOFF_SECONDS = 0.1  # first wait; doubled per retry, with jitter, capped below
 MAX_BACKOFF_SECONDS = 10.0
+CLIENT_LIBRARIES = ("botocore", "aiobotocore", "google.auth", "google.api_core")
 PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 fsspec.register_implementation("faulty", "storage.faults.FaultyFileSystem", clobber=True)
@@ -78,6 +79,8 @@ class Location:
                 raise
             except Exception as e:
                 if not transient(e):
+                    if type(e).__module__.startswith(CLIENT_LIBRARIES):  # e.g. no credentials found
+                        raise StorageError(f"{self.uri}: {what}: {e}") from None
                     raise
                 if attempt == ATTEMPTS - 1:
                     raise StorageError(f"{self.uri}: {what} failed after {ATTEMPTS} attempts: {e}") from None

@@ -161,3 +161,14 @@ def test_large_range_reads_come_in_parts_and_retry_only_the_parts_that_failed(st
     assert location.read_range("big.bin", 1000, 99_000) == data[1000:99_000]
     assert location.fs.injected["failures"] + location.fs.injected["truncations"] >= 5
     assert location.traffic["bytes_read"] == 98_000
+
+
+def test_missing_credentials_are_one_clear_line(s3_endpoint, monkeypatch, tmp_path) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    configure({f"{s3_endpoint}/no-credentials": {"skip_instance_cache": True}})
+    with pytest.raises(StorageError, match=r"no-credentials: read config\.json: Unable to locate credentials"):
+        open_location(f"{s3_endpoint}/no-credentials").read_bytes("config.json")
