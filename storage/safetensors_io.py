@@ -30,6 +30,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100 * 2**20
+FIRST_READ_BYTES = 64 * 2**10  # a 70B shard's header is ~20 KB: one request reads it whole
 
 
 @dataclass(frozen=True)
@@ -85,14 +86,20 @@ def _check_layout(file: str, entries: dict[str, TensorEntry]) -> None:
 
 
 def read_header(location: Location, file: str) -> SafetensorsHeader:
-    """Parse and check a file's header with two small range reads; refuse truncated files."""
+    """Parse and check a file's header (its size, then one range read of its first bytes);
+    refuse truncated files and headers that lie."""
     size = location.size(file)
     if size < 8:
         raise StorageError(f"{location.uri}/{file}: truncated safetensors file ({size} bytes)")
-    (n,) = struct.unpack("<Q", location.read_bytes(file, 0, 8))
+    first = location.read_range(file, 0, min(size, FIRST_READ_BYTES))  # the length and, mostly, the header
+    (n,) = struct.unpack("<Q", first[:8])
     if n > MAX_HEADER_BYTES or 8 + n > size:
         raise StorageError(f"{location.uri}/{file}: truncated or corrupt safetensors header")
-    raw = location.read_bytes(file, 8, 8 + n)
+    raw = (
+        bytes(first[8 : 8 + n])
+        if 8 + n <= len(first)
+        else bytes(first[8:]) + location.read_bytes(file, len(first), 8 + n)
+    )
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
