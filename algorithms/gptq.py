@@ -4,6 +4,7 @@ Pre-trained Transformers" (ICLR 2023), Algorithm 1 with lazy batch updates.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,8 @@ import torch
 from algorithms import grid
 from algorithms.rtn import assemble
 from algorithms.types import QuantizedWeight, UniformScheme
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -25,12 +28,29 @@ class GPTQConfig:
     act_order: bool = False
 
 
+MAX_DAMP = 1.0  # a Hessian that needs more damping than its mean diagonal is not one
+
+
 def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in float64 for stability."""
-    H = H.double().clone()  # [in, in]
-    H.diagonal().add_(damp * H.diagonal().mean())
-    L = torch.linalg.cholesky(H)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).float()
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in float64 for stability.
+
+    If H is not positive definite at this damping (too few calibration tokens for the
+    layer's width, or inputs that are linearly dependent), damping is multiplied by 10
+    until it is, up to MAX_DAMP; each increase is logged as a warning, never silent."""
+    H = H.double()  # [in, in]
+    mean = H.diagonal().mean()
+    while True:
+        damped = H.clone()
+        damped.diagonal().add_(damp * mean)
+        L, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0:
+                return U.float()
+        if damp * 10 > MAX_DAMP:
+            raise ValueError(f"Hessian is not positive definite even with damp {damp:g} (of its mean diagonal)")
+        log.warning("Hessian not positive definite with damp %g; retrying with damp %g", damp, damp * 10)
+        damp *= 10
 
 
 def static_group_params(W: torch.Tensor, scheme: UniformScheme) -> tuple[torch.Tensor, torch.Tensor]:

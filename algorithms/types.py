@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_BITS = (2, 4, 8)  # widths that divide a 32-bit word; 3 bits arrive with issue 5
+SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from algorithms import NEEDS_HESSIAN
+from algorithms.packing import codes_per_run
 from pipeline.architectures import layout_for
 from pipeline.data import load_tokenizer, sequences, token_stream
 from pipeline.errors import LaminaError
@@ -77,17 +78,19 @@ def _block_plan(source: Checkpoint, layout: BlockLayout, index: int) -> BlockPla
 
 def _check_packable(recipe: Recipe, blocks: tuple[BlockPlan, ...], layout: BlockLayout) -> None:
     scheme = recipe.scheme
-    per_word = 32 // scheme.bits
-    bad = [
-        f"{layout.block(b.index)}{lin.name} ({lin.in_features})"
-        for b in blocks
-        for lin in b.linears
-        if (scheme.group_size and lin.in_features % scheme.group_size) or lin.in_features % per_word
-    ]
+    per_run = codes_per_run(scheme.bits)
+    names = [(f"{layout.block(b.index)}{lin.name}", lin.in_features) for b in blocks for lin in b.linears]
+    bad = [f"{name} ({n})" for name, n in names if scheme.group_size and n % scheme.group_size]
     if bad:
         raise LaminaError(
             f"scheme.group_size {scheme.group_size} does not divide the input size of {len(bad)} linears, "
             f"e.g. {', '.join(bad[:3])}; choose a group size that divides them (or 0 for per-channel)"
+        )
+    bad = [f"{name} ({n})" for name, n in names if n % per_run]
+    if bad:
+        raise LaminaError(
+            f"scheme.bits {scheme.bits}: the input size of {len(bad)} linears is not a multiple of {per_run}, "
+            f"so their codes do not fill whole 32-bit words, e.g. {', '.join(bad[:3])}"
         )
 
 

@@ -53,7 +53,7 @@ class EvalData(TextData):
 
 class Scheme(Strict):
     algorithm: Literal["gptq", "rtn"] = "gptq"
-    bits: Literal[2, 4, 8] = 4
+    bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(128, ge=0, description="columns per group; 0 = per-channel")
     sym: bool = True
     damp: float = Field(0.01, gt=0, lt=1)

@@ -12,16 +12,32 @@ from kernels import QuantLinear
 from kernels.reference import dequantize
 
 SCHEMES = [
-    UniformScheme(bits=b, group_size=g, sym=s) for b in (2, 4, 8) for g in (0, 32, 64, 128) for s in (True, False)
+    UniformScheme(bits=b, group_size=g, sym=s) for b in (2, 3, 4, 8) for g in (0, 32, 64, 128) for s in (True, False)
 ]
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_pack_unpack_round_trip_is_exact(bits: int) -> None:
-    codes = torch.randint(0, 2**bits, (7, 256), generator=torch.Generator().manual_seed(bits))
+    codes = torch.randint(0, 2**bits, (7, 576), generator=torch.Generator().manual_seed(bits))
     packed = pack(codes, bits)
-    assert packed.dtype == torch.int32 and packed.shape == (7, 256 * bits // 32)
+    assert packed.dtype == torch.int32 and packed.shape == (7, 576 * bits // 32)
     assert torch.equal(unpack(packed, bits).long(), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_is_the_little_endian_bit_stream(bits: int) -> None:
+    """Independent of the vectorised code: each row as one Python integer, cut into words."""
+    codes = torch.randint(0, 2**bits, (3, 96), generator=torch.Generator().manual_seed(10 + bits))
+    packed = pack(codes, bits)
+    for row in range(3):
+        stream = sum(int(c) << (j * bits) for j, c in enumerate(codes[row]))
+        words = [(stream >> (32 * w)) & 0xFFFFFFFF for w in range(96 * bits // 32)]
+        assert [int(v) & 0xFFFFFFFF for v in packed[row]] == words
+
+
+def test_three_bit_codes_need_whole_runs_of_32() -> None:
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        pack(torch.zeros(2, 48, dtype=torch.int64), 3)
 
 
 def test_pack_refuses_codes_out_of_range() -> None:
@@ -107,3 +123,21 @@ def test_gptq_beats_rtn_on_a_real_layer(real_block, linear: str, scheme: Uniform
     for act_order in (False, True):
         gptq_err = proxy_error(W, dequantize(gptq(W, H, scheme, GPTQConfig(act_order=act_order))), H)
         assert gptq_err < 0.9 * rtn_err, (act_order, gptq_err, rtn_err)
+
+
+def test_damping_grows_until_the_hessian_factors_and_says_so(caplog) -> None:
+    from algorithms.gptq import inverse_cholesky
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(64, 8, generator=gen)
+    H = X.T @ X  # [8, 8], positive definite...
+    H[0, 1] = H[1, 0] = 2 * (H[0, 0] * H[1, 1]).sqrt()  # ...until two inputs disagree too much
+    with caplog.at_level("WARNING", logger="algorithms.gptq"):
+        U = inverse_cholesky(H, damp=0.01)
+    raised = [r.getMessage() for r in caplog.records]
+    assert raised and raised[0] == "Hessian not positive definite with damp 0.01; retrying with damp 0.1"
+    damp = float(raised[-1].rsplit(" ", 1)[1])
+    damped = H.double() + damp * H.diagonal().double().mean() * torch.eye(8, dtype=torch.float64)
+    assert torch.allclose((U.T.double() @ U.double()), torch.linalg.inv(damped), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="not positive definite even with damp"):
+        inverse_cholesky(-torch.eye(8), damp=0.01)

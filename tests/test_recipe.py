@@ -15,7 +15,7 @@ def test_unknown_key_is_named(tmp_path) -> None:
 
 
 def test_bad_value_is_named(tmp_path) -> None:
-    with pytest.raises(LaminaError, match=r"scheme\.bits: Input should be 2, 4 or 8"):
+    with pytest.raises(LaminaError, match=r"scheme\.bits: Input should be 2, 3, 4 or 8"):
         parse(recipe_doc(tmp_path, scheme={"bits": 5}))
     with pytest.raises(LaminaError, match=r"scheme\.group_size: .*power of two"):
         parse(recipe_doc(tmp_path, scheme={"group_size": 96}))
