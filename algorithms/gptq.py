@@ -19,13 +19,16 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class GPTQConfig:
     """damp: fraction of the mean Hessian diagonal added to it; block_size: lazy-batch width;
-    act_order: solve columns by descending Hessian diagonal ("desc_act"), with the groups
-    kept in the stored column order and their grids fixed before the solve ("static
-    groups"), so the stored format needs no column permutation."""
+    act_order: solve columns by descending Hessian diagonal ("desc_act");
+    static_groups (with act_order): keep groups as runs of stored columns with grids fixed
+    from the weights before the solve, so no `g_idx` is stored; without it, groups are runs
+    of the solve order, each grid chosen when the solve reaches it, and `g_idx` maps every
+    stored column to its group."""
 
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
+    static_groups: bool = False
 
 
 MAX_DAMP = 1.0  # a Hessian that needs more damping than its mean diagonal is not one
@@ -78,7 +81,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQCo
     H[dead, dead] = 1
     W[:, dead] = 0
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if config.act_order else torch.arange(n)  # [in]
-    static = static_group_params(W, scheme) if config.act_order else None
+    static = static_group_params(W, scheme) if config.act_order and config.static_groups else None
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_cholesky(H, config.damp)  # [in, in], upper triangular
 
@@ -109,5 +112,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQCo
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    codes = codes[:, torch.argsort(perm)]  # back to stored column order
-    return assemble(codes, scales, zeros, scheme)
+    stored = torch.argsort(perm)  # solve position of each stored column
+    g_idx = stored // width  # [in]
+    if static is not None or torch.equal(g_idx, torch.arange(n) // width):
+        g_idx = None  # groups are runs of stored columns: nothing to store
+    return assemble(codes[:, stored], scales, zeros, scheme, g_idx)

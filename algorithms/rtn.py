@@ -9,8 +9,14 @@ from algorithms.packing import pack
 from algorithms.types import QuantizedWeight, UniformScheme
 
 
-def assemble(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, scheme: UniformScheme) -> QuantizedWeight:
-    """codes [out, in], scales/zeros [out, groups] -> the packed QuantizedWeight."""
+def assemble(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    scheme: UniformScheme,
+    g_idx: torch.Tensor | None = None,
+) -> QuantizedWeight:
+    """codes [out, in], scales/zeros [out, groups], g_idx [in] or None -> the packed QuantizedWeight."""
     in_features = codes.shape[1]
     return QuantizedWeight(
         qweight=pack(codes, scheme.bits),
@@ -19,6 +25,7 @@ def assemble(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, sch
         bits=scheme.bits,
         group_size=scheme.group_width(in_features),
         in_features=in_features,
+        g_idx=None if g_idx is None else g_idx.to(torch.int32).contiguous(),
     )
 
 

@@ -50,6 +50,8 @@ class QuantizedWeight:
              the lowest bits of each word holding the lowest input index.
     scales:  float16 [out, groups]
     zeros:   uint8 [out, groups], integer zero points
+    g_idx:   int32 [in], the group of each input column, when groups are not runs of
+             consecutive columns (GPTQ act-order without static groups); else None
     """
 
     qweight: torch.Tensor
@@ -58,6 +60,7 @@ class QuantizedWeight:
     bits: int
     group_size: int  # columns per group (equal to in_features when per-channel)
     in_features: int
+    g_idx: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -65,7 +68,8 @@ class QuantizedWeight:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors, by suffix, as the native artifact names them."""
-        return {"qweight": self.qweight, "scales": self.scales, "qzeros": self.zeros}
+        stored = {"qweight": self.qweight, "scales": self.scales, "qzeros": self.zeros}
+        return stored if self.g_idx is None else {**stored, "g_idx": self.g_idx}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], *, bits: int, group_size: int) -> QuantizedWeight:
@@ -78,4 +82,5 @@ class QuantizedWeight:
             bits=bits,
             group_size=group_size or in_features,
             in_features=in_features,
+            g_idx=tensors.get("g_idx"),
         )

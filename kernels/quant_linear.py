@@ -11,7 +11,7 @@ from kernels import reference
 
 
 class QuantLinear(nn.Module):
-    """Buffers `qweight`, `scales`, `qzeros` (and `bias`) as in the native artifact."""
+    """Buffers `qweight`, `scales`, `qzeros` (and `g_idx`, `bias`) as in the native artifact."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None):
         super().__init__()
@@ -20,6 +20,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", qw.qweight)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("qzeros", qw.zeros)
+        self.register_buffer("g_idx", qw.g_idx)
         self.register_buffer("bias", bias)
 
     @property
@@ -31,6 +32,7 @@ class QuantLinear(nn.Module):
             bits=self.bits,
             group_size=self.group_size,
             in_features=self.in_features,
+            g_idx=self.g_idx,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -59,6 +59,9 @@ class Scheme(Strict):
     damp: float = Field(0.01, gt=0, lt=1)
     block_size: int = Field(128, ge=1)
     act_order: bool = Field(True, description="GPTQ: solve columns by descending Hessian diagonal")
+    static_groups: bool = Field(
+        False, description="GPTQ act-order: groups of stored columns with grids fixed up front (no g_idx stored)"
+    )
 
     @field_validator("group_size")
     @classmethod
@@ -73,7 +76,9 @@ class Scheme(Strict):
 
     @property
     def options(self) -> GPTQConfig:
-        return GPTQConfig(damp=self.damp, block_size=self.block_size, act_order=self.act_order)
+        return GPTQConfig(
+            damp=self.damp, block_size=self.block_size, act_order=self.act_order, static_groups=self.static_groups
+        )
 
 
 class Resources(Strict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from algorithms import GPTQConfig, UniformScheme, gptq, rtn
+from algorithms import GPTQConfig, QuantizedWeight, UniformScheme, gptq, rtn
 from algorithms.hessian import input_gram, proxy_error
 from algorithms.packing import pack, unpack
 from kernels import QuantLinear
@@ -110,6 +110,7 @@ def real_block(model_dir, docs_dir):
     "scheme",
     [
         UniformScheme(bits=4, group_size=64),
+        UniformScheme(bits=3, group_size=64),
         UniformScheme(bits=2, group_size=64, sym=False),
         UniformScheme(bits=8, group_size=0),
     ],
@@ -120,9 +121,11 @@ def test_gptq_beats_rtn_on_a_real_layer(real_block, linear: str, scheme: Uniform
     W = runner.layer.get_submodule(linear).weight.detach()
     H = torch.from_numpy(hessians[runner.layout.group_of(linear)])
     rtn_err = proxy_error(W, dequantize(rtn(W, scheme)), H)
-    for act_order in (False, True):
-        gptq_err = proxy_error(W, dequantize(gptq(W, H, scheme, GPTQConfig(act_order=act_order))), H)
-        assert gptq_err < 0.9 * rtn_err, (act_order, gptq_err, rtn_err)
+    for act_order, static_groups in ((False, False), (True, False), (True, True)):
+        qw = gptq(W, H, scheme, GPTQConfig(act_order=act_order, static_groups=static_groups))
+        assert (qw.g_idx is not None) == (act_order and not static_groups and scheme.group_size > 0)
+        gptq_err = proxy_error(W, dequantize(qw), H)
+        assert gptq_err < 0.9 * rtn_err, (act_order, static_groups, gptq_err, rtn_err)
 
 
 def test_damping_grows_until_the_hessian_factors_and_says_so(caplog) -> None:
@@ -141,3 +144,18 @@ def test_damping_grows_until_the_hessian_factors_and_says_so(caplog) -> None:
     assert torch.allclose((U.T.double() @ U.double()), torch.linalg.inv(damped), rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="not positive definite even with damp"):
         inverse_cholesky(-torch.eye(8), damp=0.01)
+
+
+def test_g_idx_assigns_each_column_its_group() -> None:
+    gen = torch.Generator().manual_seed(3)
+    W, X = torch.randn(16, 128, generator=gen), torch.randn(400, 128, generator=gen) * torch.rand(128, generator=gen)
+    qw = gptq(W, input_gram(X), UniformScheme(bits=4, group_size=32), GPTQConfig(act_order=True))
+    assert qw.g_idx is not None and qw.g_idx.dtype == torch.int32
+    assert torch.equal(torch.bincount(qw.g_idx.long()), torch.full((4,), 32))  # 4 groups of 32 columns
+    codes = unpack(qw.qweight, 4).float()  # [16, 128]
+    for j in (0, 37, 127):
+        g = int(qw.g_idx[j])
+        want = qw.scales[:, g].float() * (codes[:, j] - qw.zeros[:, g].float())
+        assert torch.equal(dequantize(qw)[:, j], want)
+    again = QuantizedWeight.from_tensors(qw.tensors(), bits=4, group_size=32)
+    assert torch.equal(dequantize(again), dequantize(qw))

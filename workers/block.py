@@ -92,7 +92,11 @@ class BlockRunner:
         return self.checkpoint.bytes_of(names)
 
     def _stored_quantized(self, linear: str) -> QuantLinear:
-        parts = {s: self.raw[f"{linear}.{s}"] for s in ("qweight", "scales", "qzeros")}
+        parts = {
+            s: self.raw[f"{linear}.{s}"]
+            for s in ("qweight", "scales", "qzeros", "g_idx")
+            if f"{linear}.{s}" in self.raw
+        }
         qw = QuantizedWeight.from_tensors(parts, bits=self.stored_bits, group_size=self.stored_group)
         return QuantLinear(qw, self.raw.get(f"{linear}.bias"))
 
