@@ -8,10 +8,10 @@ without reading it. One small file per entry: object stores cannot append.
 
 from __future__ import annotations
 
-import json
 import re
 
-from storage.fs import Location, StorageError
+from storage.checkpoint import read_json
+from storage.fs import Location
 from storage.writer import FileRecord, put_json
 
 CONTROL = ".lamina"
@@ -31,26 +31,16 @@ def block_done(output: Location, run_id: str, index: int, record: FileRecord, **
     put_json(journal(output, run_id), f"block-{index:05d}.json", {"block": index, "file": vars(record), **about})
 
 
-def _json(location: Location, name: str) -> dict:
-    try:
-        doc = json.loads(location.read_bytes(name))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise StorageError(f"{location.uri}/{name}: not valid JSON") from None
-    if not isinstance(doc, dict):
-        raise StorageError(f"{location.uri}/{name}: expected a JSON object")
-    return doc
-
-
 def read(output: Location) -> tuple[dict, dict[int, dict]] | None:
     """(run.json, {block: entry}) of the run that holds the output's claim; None if unclaimed."""
     if not output.exists(CLAIM):
         return None
-    run_id = str(_json(output, CLAIM).get("run_id", ""))
+    run_id = str(read_json(output, CLAIM).get("run_id", ""))
     entries = journal(output, run_id)
-    about = _json(entries, "run.json") if entries.exists("run.json") else {"run_id": run_id}
+    about = read_json(entries, "run.json") if entries.exists("run.json") else {"run_id": run_id}
     blocks = {}
     for name in entries.list_files():
         match = BLOCK_ENTRY.fullmatch(name)
         if match:
-            blocks[int(match.group(1))] = _json(entries, name)
+            blocks[int(match.group(1))] = read_json(entries, name)
     return about, blocks
