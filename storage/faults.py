@@ -9,6 +9,9 @@
   missing, and returns the same fraction of reads short, without raising;
 - fails every call after the first `fail_after` (per process), to model a store gone away.
 
+The faults are drawn from `seed` and the process id; `per_process=False` drops the pid
+so a test sees the same faults on every run.
+
 Conditional creates (`mode="create"`) are never truncated: on S3 and GCS they are single
 small PUTs that land whole or not at all.
 """
@@ -39,12 +42,15 @@ class FaultyFileSystem(ChainedFileSystem):
         truncate_rate: float = 0.0,
         fail_after: int | None = None,
         seed: int = 0,
+        per_process: bool = True,
         **kwargs: object,
     ):
         super().__init__(**kwargs)
         self.target = fsspec.filesystem(target_protocol or "file", **(target_options or {}))
         self.fail_rate, self.truncate_rate, self.fail_after = fail_rate, truncate_rate, fail_after
-        self.rng = random.Random(f"{seed}:{os.getpid()}")
+        # per process by default, so Ray workers sharing one recipe do not fail in lockstep;
+        # per_process=False replays the same faults in every run (tests that count them)
+        self.rng = random.Random(f"{seed}:{os.getpid()}" if per_process else str(seed))
         self.calls = 0
         self.injected: dict[str, int] = {"failures": 0, "truncations": 0}
 
