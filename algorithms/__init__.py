@@ -16,7 +16,7 @@ from algorithms.types import QuantizedWeight, UniformScheme
 
 
 def _rtn(W: torch.Tensor, H: torch.Tensor | None, scheme: UniformScheme, options: GPTQConfig) -> QuantizedWeight:
-    return rtn(W, scheme)
+    return rtn(W, scheme, mse=options.mse)
 
 
 def _gptq(W: torch.Tensor, H: torch.Tensor | None, scheme: UniformScheme, options: GPTQConfig) -> QuantizedWeight:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from algorithms import grid
-from algorithms.rtn import assemble
+from algorithms.rtn import assemble, in_groups, partial_g_idx
 from algorithms.types import QuantizedWeight, UniformScheme
 
 log = logging.getLogger(__name__)
@@ -23,12 +23,14 @@ class GPTQConfig:
     static_groups (with act_order): keep groups as runs of stored columns with grids fixed
     from the weights before the solve, so no `g_idx` is stored; without it, groups are runs
     of the solve order, each grid chosen when the solve reaches it, and `g_idx` maps every
-    stored column to its group."""
+    stored column to its group; mse: choose each group's grid by the clipping search of
+    grid.find_params instead of min-max (also used by RTN)."""
 
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
     static_groups: bool = False
+    mse: bool = False
 
 
 MAX_DAMP = 1.0  # a Hessian that needs more damping than its mean diagonal is not one
@@ -56,11 +58,11 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
         damp *= 10
 
 
-def static_group_params(W: torch.Tensor, scheme: UniformScheme) -> tuple[torch.Tensor, torch.Tensor]:
+def static_group_params(W: torch.Tensor, scheme: UniformScheme, mse: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Grid of every group from the weights before the solve: scale, zero [out, groups]."""
     out, n = W.shape
     groups, width = scheme.groups(n), scheme.group_width(n)
-    scale, zero = grid.find_params(W.reshape(out * groups, width), scheme)  # [out*groups]
+    scale, zero = grid.find_params(in_groups(W, groups, width), scheme, mse=mse)  # [out*groups]
     return scale.reshape(out, groups), zero.reshape(out, groups)
 
 
@@ -81,7 +83,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQCo
     H[dead, dead] = 1
     W[:, dead] = 0
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if config.act_order else torch.arange(n)  # [in]
-    static = static_group_params(W, scheme) if config.act_order and config.static_groups else None
+    static = static_group_params(W, scheme, config.mse) if config.act_order and config.static_groups else None
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_cholesky(H, config.damp)  # [in, in], upper triangular
 
@@ -103,7 +105,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQCo
                 scale, zero = scales[:, g], zeros[:, g]
             elif col % width == 0:
                 ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :width]  # [out, width]
-                scale, zero = grid.find_params(ahead, scheme)
+                scale, zero = grid.find_params(ahead, scheme, mse=config.mse)
                 scales[:, col // width], zeros[:, col // width] = scale, zero
             w = W1[:, i]  # [out]
             q = grid.quantize(w, scale, zero, scheme.maxq)  # [out]
@@ -115,5 +117,5 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQCo
     stored = torch.argsort(perm)  # solve position of each stored column
     g_idx = stored // width  # [in]
     if static is not None or torch.equal(g_idx, torch.arange(n) // width):
-        g_idx = None  # groups are runs of stored columns: nothing to store
+        g_idx = partial_g_idx(n, width)  # groups are runs of stored columns: stored only if the last is short
     return assemble(codes[:, stored], scales, zeros, scheme, g_idx)

@@ -29,11 +29,26 @@ def assemble(
     )
 
 
-def rtn(W: torch.Tensor, scheme: UniformScheme) -> QuantizedWeight:
-    """Quantize W [out, in] group by group to the nearest grid point."""
+def rtn(W: torch.Tensor, scheme: UniformScheme, *, mse: bool = False) -> QuantizedWeight:
+    """Quantize W [out, in] group by group to the nearest grid point (of a min-max grid, or
+    with `mse` of the clipped grid with the least rounding error)."""
     out, n = W.shape
     groups, width = scheme.groups(n), scheme.group_width(n)
-    Wg = W.float().reshape(out * groups, width)  # [out*groups, width]
-    scale, zero = grid.find_params(Wg, scheme)  # [out*groups]
+    Wg = in_groups(W.float(), groups, width)  # [out*groups, width]
+    scale, zero = grid.find_params(Wg, scheme, mse=mse)  # [out*groups]
     codes = grid.quantize(Wg, scale[:, None], zero[:, None], scheme.maxq)  # [out*groups, width]
-    return assemble(codes.reshape(out, n), scale.reshape(out, groups), zero.reshape(out, groups), scheme)
+    codes = codes.reshape(out, groups * width)[:, :n]  # [out, in]
+    return assemble(codes, scale.reshape(out, groups), zero.reshape(out, groups), scheme, partial_g_idx(n, width))
+
+
+def in_groups(W: torch.Tensor, groups: int, width: int) -> torch.Tensor:
+    """W [out, in] as rows of one group each, [out*groups, width]; a partial last group is
+    padded with zeros, which leave its grid unchanged (every grid's range contains 0)."""
+    out, n = W.shape
+    padded = torch.nn.functional.pad(W, (0, groups * width - n))  # [out, groups*width]
+    return padded.reshape(out * groups, width)
+
+
+def partial_g_idx(n: int, width: int) -> torch.Tensor | None:
+    """The g_idx a weight with a partial last group stores (None when groups divide n)."""
+    return torch.arange(n) // width if n % width else None

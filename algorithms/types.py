@@ -13,12 +13,15 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 class UniformScheme:
     """Group-wise uniform integer grid: W ~ scale * (q - zero), q in [0, 2**bits).
 
-    group_size 0 means one group per output row (per-channel).
+    group_size 0 means one group per output row (per-channel). With partial_groups, an
+    input size that group_size does not divide gets a narrower last group; such a weight
+    always stores g_idx (the formats without g_idx cannot describe the short group).
     """
 
     bits: int = 4
     group_size: int = 128
     sym: bool = True
+    partial_groups: bool = False
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -34,9 +37,9 @@ class UniformScheme:
         """Number of groups along the input dimension; raises if the size cannot be packed."""
         if self.group_size == 0:
             return 1
-        if in_features % self.group_size:
+        if in_features % self.group_size and not self.partial_groups:
             raise ValueError(f"group size {self.group_size} does not divide input size {in_features}")
-        return in_features // self.group_size
+        return -(-in_features // self.group_size)
 
     def group_width(self, in_features: int) -> int:
         return in_features if self.group_size == 0 else self.group_size

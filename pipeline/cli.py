@@ -1,4 +1,4 @@
-"""`lamina`: quantize, eval, verify, status and ls. Errors are one line on stderr and exit code 2."""
+"""`lamina`: quantize, export, eval, verify, status and ls. Errors are one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -27,8 +27,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         ("source size", size(report.source_bytes)),
         ("artifact size", size(report.artifact_bytes)),
         *((f"{phase} seconds", f"{s:.1f}") for phase, s in report.seconds.items()),
+        *(("export", uri) for uri in report.exports),
     ]
     print(table(rows, "lamina quantize: done"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export
+
+    report = export(args.artifact, args.format, args.dest, progress=not args.quiet)
+    rows = [
+        ("export", report.output),
+        ("format", report.format),
+        ("quantized linears", str(report.linears)),
+        ("size", size(report.nbytes)),
+        ("seconds", f"{report.seconds:.1f}"),
+    ]
+    print(table(rows, "lamina export: done"))
     return 0
 
 
@@ -111,6 +127,11 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("recipe")
     q.add_argument("--workers", type=int, help="override resources.workers")
     q.set_defaults(func=cmd_quantize)
+    x = sub.add_parser("export", help="write a published artifact in a format serving engines load")
+    x.add_argument("artifact")
+    x.add_argument("--format", required=True, choices=["gptq", "compressed-tensors"])
+    x.add_argument("dest")
+    x.set_defaults(func=cmd_export)
     e = sub.add_parser("eval", help="perplexity of an artifact (and of its source) on held-out text")
     e.add_argument("artifact")
     e.add_argument("--against", help="the unquantized source, scored the same way")

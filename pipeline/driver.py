@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from tqdm import tqdm
 
 from pipeline import cluster
+from pipeline.export import export
 from pipeline.plan import BlockPlan, Plan, make_plan
 from pipeline.recipe import Recipe
 from storage import journal
@@ -41,6 +42,7 @@ class RunReport:
     blocks: int
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     files: dict[str, FileRecord] = field(default_factory=dict)
+    exports: list[str] = field(default_factory=list)
 
 
 def shard_name(i: int, n: int) -> str:
@@ -132,31 +134,57 @@ class Run:
             started=time.time(),
         )
 
+    def stages(self, block: BlockPlan) -> list[BlockPlan]:
+        """The block's linears in solve stages: all at once, or with true_sequential one
+        stage per group of linears sharing an input, in the layout's order."""
+        scheme = self.plan.recipe.scheme
+        if not (scheme.true_sequential and self.plan.needs_calibration):
+            return [block] if block.linears else []
+        by_name = {lin.name: lin for lin in block.linears}
+        stages = [tuple(by_name[name] for name in group if name in by_name) for group in self.plan.layout.groups]
+        return [replace(block, linears=linears) for linears in stages if linears]
+
     def block(self, block: BlockPlan) -> None:
-        """Quantize one block, write its shard into staging, and journal it."""
+        """Quantize one block, write its shard into staging, and journal it.
+
+        Per stage: calibrate the stage's groups on the block as quantized so far, solve its
+        linears spread over the workers, and (when a stage follows) install them."""
         plan, scheme = self.plan, self.plan.recipe.scheme
         before = dict(self.report.seconds)
         self.timed("load", [r.load_block.remote(block.index) for r in self.runners])
-        hessians = None
-        if plan.needs_calibration:
-            per_worker = self.timed("calibrate", [r.calibrate.remote() for r in self.runners])
-            hessians = self.ray.put(sum_in_chunk_order(per_worker))
         tokens = 0 if plan.calibration is None else plan.calibration.size
-        start = time.perf_counter()
-        solved = [
-            runner.solve.remote(
-                share, hessians, tokens=tokens, algorithm=scheme.algorithm, scheme=scheme.grid, options=scheme.options
-            )
-            for runner, share in zip(self.runners, assign_linears(block, len(self.runners)), strict=True)
-            if share
-        ]
-        self.ray.wait(solved, num_returns=len(solved), fetch_local=False)
-        self.report.seconds["solve"] += time.perf_counter() - start
-        written = self.runners[0].write_block.remote(self.stage.uri, self.shards[block.index], *solved)
+        stages = self.stages(block)
+        solved_all, installed = [], 0
+        for n, stage in enumerate(stages):
+            hessians = None
+            if plan.needs_calibration:
+                groups = sorted({plan.layout.group_of(lin.name) for lin in stage.linears}) if len(stages) > 1 else None
+                per_worker = self.timed("calibrate", [r.calibrate.remote(groups) for r in self.runners])
+                hessians = self.ray.put(sum_in_chunk_order(per_worker))
+            start = time.perf_counter()
+            solved = [
+                runner.solve.remote(
+                    share,
+                    hessians,
+                    tokens=tokens,
+                    algorithm=scheme.algorithm,
+                    scheme=scheme.grid,
+                    options=scheme.options,
+                )
+                for runner, share in zip(self.runners, assign_linears(stage, len(self.runners)), strict=True)
+                if share
+            ]
+            self.ray.wait(solved, num_returns=len(solved), fetch_local=False)
+            self.report.seconds["solve"] += time.perf_counter() - start
+            solved_all += solved
+            if n < len(stages) - 1:
+                self.timed("calibrate", [r.install.remote(scheme.grid, *solved) for r in self.runners])
+                installed = len(solved_all)
+        written = self.runners[0].write_block.remote(self.stage.uri, self.shards[block.index], *solved_all)
         last = block.index == len(plan.blocks) - 1
         propagated = []
         if plan.needs_calibration and not last:
-            propagated = [r.install.remote(scheme.grid, *solved) for r in self.runners]
+            propagated = [r.install.remote(scheme.grid, *solved_all[installed:]) for r in self.runners]
             propagated += [r.forward.remote() for r in self.runners]
         record, names = self.timed("write+propagate", [written, *propagated])[0]
         self.record((record, names))
@@ -199,7 +227,8 @@ def versions() -> dict[str, str]:
 
 
 def quantize(recipe: Recipe, *, progress: bool = True) -> RunReport:
-    """Plan (all checks before any work), then quantize block by block on Ray, then publish."""
+    """Plan (all checks before any work), then quantize block by block on Ray, publish,
+    and write the recipe's exports from the published artifact."""
     configure(recipe.storage)
     plan = make_plan(recipe)
     ray = cluster.connect(recipe.resources)
@@ -219,4 +248,6 @@ def quantize(recipe: Recipe, *, progress: bool = True) -> RunReport:
     finally:
         for r in runners:
             ray.kill(r)
+    for target in recipe.export:
+        run.report.exports.append(export(plan.output_uri, target.format, target.output, progress=progress).output)
     return run.report

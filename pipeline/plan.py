@@ -4,7 +4,7 @@ output location; refuses what cannot run with one line that names the problem.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -36,8 +36,9 @@ class LinearPlan:
 @dataclass(frozen=True)
 class BlockPlan:
     index: int
-    linears: tuple[LinearPlan, ...]
+    linears: tuple[LinearPlan, ...]  # to quantize
     nbytes: int
+    kept: tuple[str, ...] = ()  # linears left in full precision (scheme.unpackable: keep)
 
 
 @dataclass(frozen=True)
@@ -76,22 +77,63 @@ def _block_plan(source: Checkpoint, layout: BlockLayout, index: int) -> BlockPla
     return BlockPlan(index=index, linears=tuple(linears), nbytes=source.bytes_of(source.names(prefix)))
 
 
-def _check_packable(recipe: Recipe, blocks: tuple[BlockPlan, ...], layout: BlockLayout) -> None:
+def _packing(recipe: Recipe, blocks: tuple[BlockPlan, ...], layout: BlockLayout) -> tuple[BlockPlan, ...]:
+    """The blocks with the linears the scheme cannot pack moved to `kept` (scheme.unpackable
+    keep), or left in place (partial, when a narrower last group is all they need);
+    refuses them, naming them, otherwise."""
     scheme = recipe.scheme
     per_run = codes_per_run(scheme.bits)
-    names = [(f"{layout.block(b.index)}{lin.name}", lin.in_features) for b in blocks for lin in b.linears]
-    bad = [f"{name} ({n})" for name, n in names if scheme.group_size and n % scheme.group_size]
-    if bad:
+
+    def named(bad: list[tuple[int, LinearPlan]]) -> str:
+        listed = ", ".join(f"{layout.block(i)}{lin.name} ({lin.in_features})" for i, lin in bad[:4])
+        return f"{len(bad)} linears: {listed}{', ...' if len(bad) > 4 else ''}"
+
+    def words(lin: LinearPlan) -> bool:
+        return lin.in_features % per_run == 0
+
+    def groups(lin: LinearPlan) -> bool:
+        return not scheme.group_size or lin.in_features % scheme.group_size == 0
+
+    every = [(b.index, lin) for b in blocks for lin in b.linears]
+    unfilled = [(i, lin) for i, lin in every if not words(lin)]
+    if unfilled and scheme.unpackable != "keep":
         raise LaminaError(
-            f"scheme.group_size {scheme.group_size} does not divide the input size of {len(bad)} linears, "
-            f"e.g. {', '.join(bad[:3])}; choose a group size that divides them (or 0 for per-channel)"
+            f"scheme.bits {scheme.bits}: input sizes not a multiple of {per_run} leave 32-bit words part-filled "
+            f"in {named(unfilled)}; set scheme.unpackable: keep to leave them in full precision"
         )
-    bad = [f"{name} ({n})" for name, n in names if n % per_run]
-    if bad:
+    ungrouped = [(i, lin) for i, lin in every if not groups(lin)]
+    if ungrouped and scheme.unpackable == "refuse":
         raise LaminaError(
-            f"scheme.bits {scheme.bits}: the input size of {len(bad)} linears is not a multiple of {per_run}, "
-            f"so their codes do not fill whole 32-bit words, e.g. {', '.join(bad[:3])}"
+            f"scheme.group_size {scheme.group_size} does not divide the input size of {named(ungrouped)}; "
+            "choose a group size that divides them (or 0 for per-channel), or set scheme.unpackable "
+            "to keep (full precision) or partial (a narrower last group, stored with g_idx)"
         )
+    if scheme.unpackable != "keep":
+        return blocks
+    return tuple(
+        replace(
+            b,
+            linears=tuple(lin for lin in b.linears if words(lin) and groups(lin)),
+            kept=tuple(lin.name for lin in b.linears if not (words(lin) and groups(lin))),
+        )
+        for b in blocks
+    )
+
+
+def _check_exports(recipe: Recipe) -> None:
+    scheme = recipe.scheme
+    for target in recipe.export:
+        where = f"export to {target.output}"
+        if open_location(target.output).uri == open_location(recipe.output).uri:
+            raise LaminaError(f"{where}: the export needs its own folder, not the artifact's output")
+        if open_location(target.output).exists(MANIFEST):
+            raise LaminaError(f"{where}: already holds a published artifact; choose a new URI")
+        g_idx = scheme.algorithm == "gptq" and scheme.act_order and not scheme.static_groups
+        if target.format == "compressed-tensors" and g_idx:
+            raise LaminaError(
+                f"{where}: compressed-tensors cannot hold act-order groups in solve order (g_idx); "
+                "set scheme.static_groups: true, or export format gptq"
+            )
 
 
 def _calibration(recipe: Recipe) -> np.ndarray | None:
@@ -117,10 +159,11 @@ def make_plan(recipe: Recipe) -> Plan:
         blocks = tuple(_block_plan(source, layout, i) for i in range(n_blocks))
     except StorageError as e:
         raise LaminaError(str(e)) from None
-    _check_packable(recipe, blocks, layout)
+    blocks = _packing(recipe, blocks, layout)
     output = open_location(recipe.output)
     if output.exists(MANIFEST):
         raise LaminaError(f"output {output.uri} already holds a published artifact; choose a new output URI")
+    _check_exports(recipe)
     block_names = {n for b in blocks for n in source.names(layout.block(b.index))}
     return Plan(
         recipe=recipe,

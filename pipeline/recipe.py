@@ -62,6 +62,17 @@ class Scheme(Strict):
     static_groups: bool = Field(
         False, description="GPTQ act-order: groups of stored columns with grids fixed up front (no g_idx stored)"
     )
+    unpackable: Literal["refuse", "keep", "partial"] = Field(
+        "refuse",
+        description="linears whose input size the scheme cannot pack: refuse the recipe, keep them in full "
+        "precision, or (when only the group size does not divide it) give them a narrower last group",
+    )
+    mse: bool = Field(False, description="choose each group's grid by a clipping search (least |w - q(w)|^2.4)")
+    true_sequential: bool = Field(
+        False,
+        description="GPTQ: quantize a block's linears in order (q/k/v, o, gate/up, down), each calibrated "
+        "on the inputs left by the ones quantized before it",
+    )
 
     @field_validator("group_size")
     @classmethod
@@ -72,12 +83,18 @@ class Scheme(Strict):
 
     @property
     def grid(self) -> UniformScheme:
-        return UniformScheme(bits=self.bits, group_size=self.group_size, sym=self.sym)
+        return UniformScheme(
+            bits=self.bits, group_size=self.group_size, sym=self.sym, partial_groups=self.unpackable == "partial"
+        )
 
     @property
     def options(self) -> GPTQConfig:
         return GPTQConfig(
-            damp=self.damp, block_size=self.block_size, act_order=self.act_order, static_groups=self.static_groups
+            damp=self.damp,
+            block_size=self.block_size,
+            act_order=self.act_order,
+            static_groups=self.static_groups,
+            mse=self.mse,
         )
 
 
@@ -87,12 +104,20 @@ class Resources(Strict):
     ray_address: str | None = None
 
 
+class Export(Strict):
+    """A copy of the published artifact in a layout serving engines load."""
+
+    format: Literal["gptq", "compressed-tensors"]
+    output: str = Field(description="URI of the export (a new folder)")
+
+
 class Recipe(Strict):
     model: str = Field(description="URI of the source checkpoint (safetensors + config.json)")
     output: str = Field(description="URI where the quantized artifact is written")
     calibration: Calibration | None = None
     scheme: Scheme = Scheme()
     eval: EvalData | None = None
+    export: list[Export] = Field(default_factory=list, description="written after the artifact is published")
     resources: Resources = Resources()
     storage: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -112,8 +137,8 @@ class Recipe(Strict):
 
     def hash(self) -> str:
         """sha256 of everything that determines the artifact's bytes (not where it is
-        written, with what resources, how storage is reached, or how it is evaluated)."""
-        doc = self.model_dump(mode="json", exclude={"output", "resources", "eval", "storage"})
+        written, with what resources, how storage is reached, how it is evaluated or exported)."""
+        doc = self.model_dump(mode="json", exclude={"output", "resources", "eval", "storage", "export"})
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

@@ -159,3 +159,29 @@ def test_g_idx_assigns_each_column_its_group() -> None:
         assert torch.equal(dequantize(qw)[:, j], want)
     again = QuantizedWeight.from_tensors(qw.tensors(), bits=4, group_size=32)
     assert torch.equal(dequantize(again), dequantize(qw))
+
+
+@pytest.mark.parametrize(
+    "scheme", [UniformScheme(bits=4, group_size=64), UniformScheme(bits=3, group_size=128, sym=False)], ids=str
+)
+def test_mse_clipping_lowers_the_rounding_error_and_keeps_gptq_ahead(real_block, scheme: UniformScheme) -> None:
+    from algorithms import grid
+
+    runner, hessians = real_block
+    W = runner.layer.get_submodule("mlp.down_proj").weight.detach()  # [576, 1536]
+    H = torch.from_numpy(hessians[runner.layout.group_of("mlp.down_proj")])
+    rows = W.reshape(-1, scheme.group_size)  # [out * groups, width]
+    minmax = grid.rounding_error(rows, *grid.find_params(rows, scheme), scheme)  # [rows]
+    searched = grid.rounding_error(rows, *grid.find_params(rows, scheme, mse=True), scheme)
+    assert (searched <= minmax).all()  # min-max is the search's first candidate
+    assert searched.sum() < 0.9 * minmax.sum()
+    errors = {
+        (algorithm, mse): proxy_error(W, dequantize(qw), H)
+        for algorithm in ("rtn", "gptq")
+        for mse in (False, True)
+        for qw in [rtn(W, scheme, mse=mse) if algorithm == "rtn" else gptq(W, H, scheme, GPTQConfig(mse=mse))]
+    }
+    assert errors["rtn", True] < errors["rtn", False]
+    # measured here: 4-bit g64 3818 vs 4367, 3-bit g128 asym 15465 vs 20185 (RTN: 13394 vs 16405)
+    assert errors["gptq", True] < 1.02 * errors["gptq", False]
+    assert errors["gptq", True] < 0.9 * errors["rtn", True]

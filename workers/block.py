@@ -113,14 +113,16 @@ class BlockRunner:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.inference_mode()
-    def calibrate(self) -> dict[int, Arrays]:
-        """Per chunk, the sum of x x^T of the inputs of each linear group: {chunk: {group: H}}."""
+    def calibrate(self, groups: list[str] | None = None) -> dict[int, Arrays]:
+        """Per chunk, the sum of x x^T of the inputs of each linear group (all, or those
+        named by their first linear): {chunk: {group: H}}."""
         captured: dict[str, torch.Tensor] = {}
+        names = [group[0] for group in self.layout.groups] if groups is None else groups
         hooks = [
-            self.layer.get_submodule(group[0]).register_forward_hook(
-                lambda _m, inputs, _o, name=group[0]: captured.__setitem__(name, input_gram(inputs[0]))
+            self.layer.get_submodule(name).register_forward_hook(
+                lambda _m, inputs, _o, name=name: captured.__setitem__(name, input_gram(inputs[0]))
             )
-            for group in self.layout.groups
+            for name in names
         ]
         try:
             result = {}

@@ -1,0 +1,216 @@
+"""`lamina export`: a published artifact in a layout serving engines load (GPTQ, or
+compressed-tensors pack-quantized), streamed shard by shard like the native artifact and
+published the same way (staging, then the manifest last), so a reader never sees half an
+export. Every check that can refuse the export runs before the first shard is written."""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import version
+
+import torch
+from tqdm import tqdm
+
+from algorithms.formats import compressed_tensors_tensors, gptq_tensors
+from algorithms.types import QuantizedWeight
+from pipeline.architectures import layout_for
+from pipeline.errors import LaminaError
+from storage import StorageError
+from storage.checkpoint import INDEX, Checkpoint, read_json
+from storage.fs import open_location
+from storage.manifest import MANIFEST, read_manifest
+from storage.staging import claim, publish, staging
+from storage.writer import FileRecord, put_bytes, put_json, put_tensors
+
+FORMATS = ("gptq", "compressed-tensors")
+QUANTIZED = ("qweight", "scales", "qzeros", "g_idx")  # the native suffixes of a quantized linear
+
+
+@dataclass
+class ExportReport:
+    output: str
+    format: str
+    linears: int
+    nbytes: int
+    seconds: float
+    files: dict[str, FileRecord] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Native:
+    """What the export needs to know about a published native artifact."""
+
+    checkpoint: Checkpoint
+    manifest: dict
+    bits: int
+    group_size: int  # 0: per-channel
+    sym: bool
+    linears: tuple[str, ...]  # full names of the quantized linears, e.g. model.layers.0.mlp.up_proj
+    kept: tuple[str, ...]  # full names of the block linears left in full precision
+
+    @property
+    def scheme(self) -> dict:
+        return (self.manifest.get("recipe") or {}).get("scheme") or {}
+
+    def has_g_idx(self, linear: str) -> bool:
+        return f"{linear}.g_idx" in self.checkpoint.weight_map
+
+
+def open_native(uri: str) -> Native:
+    try:
+        manifest = read_manifest(uri)
+        checkpoint = Checkpoint(uri)
+    except StorageError as e:
+        raise LaminaError(str(e)) from None
+    qc = checkpoint.config.get("quantization_config") or {}
+    if qc.get("quant_method") != "lamina" or qc.get("format") != "uniform":
+        raise LaminaError(f"{uri}: not a lamina artifact of the uniform format (quantization_config {qc or 'missing'})")
+    linears = tuple(n.removesuffix(".qweight") for n in checkpoint.names() if n.endswith(".qweight"))
+    layout = layout_for(checkpoint.config)
+    blocks = range(int(checkpoint.config.get("num_hidden_layers", 0)))
+    kept = tuple(
+        f"{layout.block(i)}{lin}"
+        for i in blocks
+        for lin in layout.linears
+        if f"{layout.block(i)}{lin}.weight" in checkpoint.weight_map
+    )
+    return Native(checkpoint, manifest, int(qc["bits"]), int(qc["group_size"]), bool(qc["sym"]), linears, kept)
+
+
+def quantized_weight(native: Native, tensors: dict[str, torch.Tensor], linear: str) -> QuantizedWeight:
+    parts = {s: tensors[f"{linear}.{s}"] for s in QUANTIZED if f"{linear}.{s}" in tensors}
+    return QuantizedWeight.from_tensors(parts, bits=native.bits, group_size=native.group_size)
+
+
+def gptq_config(native: Native) -> dict:
+    """quantization_config as transformers' GPTQConfig, GPTQModel and vLLM read it."""
+    s = native.scheme
+    return {
+        "quant_method": "gptq",
+        "checkpoint_format": "gptq",
+        "bits": native.bits,
+        "group_size": native.group_size or -1,
+        "sym": native.sym,
+        "desc_act": any(native.has_g_idx(lin) for lin in native.linears),
+        "static_groups": bool(s.get("static_groups", False)),
+        "true_sequential": bool(s.get("true_sequential", False)),
+        "damp_percent": float(s.get("damp", 0.01)),
+        "lm_head": False,
+        "pack_dtype": "int32",
+        "meta": {"quantizer": [f"lamina:{version('lamina')}"]},
+        # GPTQModel's and vLLM's per-module overrides: "-:" leaves a module unquantized
+        "dynamic": {f"-:^{re.escape(name)}$": {} for name in native.kept},
+    }
+
+
+def compressed_tensors_config(native: Native) -> dict:
+    """quantization_config as compressed-tensors' QuantizationConfig (and vLLM) read it."""
+    s = native.scheme
+    per_channel = native.group_size == 0
+    weights = {
+        "num_bits": native.bits,
+        "type": "int",
+        "symmetric": native.sym,
+        "strategy": "channel" if per_channel else "group",
+        "group_size": None if per_channel else native.group_size,
+        "dynamic": False,
+        "actorder": "weight" if s.get("act_order") and s.get("algorithm") == "gptq" else None,
+        "observer": "mse" if s.get("mse") else "minmax",
+    }
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": weights,
+                "input_activations": None,
+                "format": "pack-quantized",
+            }
+        },
+        "ignore": ["lm_head", *native.kept],
+        "kv_cache_scheme": None,
+        "version": version("lamina"),
+    }
+
+
+def check_exportable(native: Native, fmt: str) -> None:
+    """Refuse, naming the layers, what the format cannot hold; reads only small tensors."""
+    if fmt not in FORMATS:
+        raise LaminaError(f"unknown export format {fmt!r} (supported: {', '.join(FORMATS)})")
+    if fmt == "compressed-tensors":
+        bad = [lin for lin in native.linears if native.has_g_idx(lin)]
+        if bad:
+            raise LaminaError(
+                f"compressed-tensors cannot hold a g_idx (act-order groups in solve order, or a partial last "
+                f"group), used by {len(bad)} linears, e.g. {bad[0]}; export --format gptq, or quantize with "
+                "scheme.static_groups: true and a group size that divides every input size"
+            )
+    if fmt == "gptq" and not native.sym:
+        names = [f"{lin}.qzeros" for lin in native.linears]
+        for name, zeros in native.checkpoint.read(names).items():
+            if bool((zeros == 0).any()):
+                raise LaminaError(
+                    f"GPTQ's format stores zero points as zero - 1 and cannot hold the zero point 0 of "
+                    f"{int((zeros == 0).sum())} groups of {name.removesuffix('.qzeros')}; "
+                    f"export --format compressed-tensors, or quantize with scheme.sym: true"
+                )
+
+
+def convert(native: Native, fmt: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One shard's tensors in the export's layout; tensors of unquantized modules pass through."""
+    linears = [n.removesuffix(".qweight") for n in tensors if n.endswith(".qweight")]
+    out = {n: t for n, t in tensors.items() if n.rpartition(".")[0] not in linears}
+    for linear in linears:
+        qw = quantized_weight(native, tensors, linear)
+        parts = gptq_tensors(qw) if fmt == "gptq" else compressed_tensors_tensors(qw, sym=native.sym)
+        out.update({f"{linear}.{suffix}": t for suffix, t in parts.items()})
+    return out
+
+
+def export(artifact: str, fmt: str, dest: str, *, progress: bool = True) -> ExportReport:
+    """Write the published artifact at `artifact` to `dest` in format `fmt`, shard by shard."""
+    start = time.perf_counter()
+    native = open_native(artifact)
+    check_exportable(native, fmt)
+    output = open_location(dest)
+    if output.exists(MANIFEST):
+        raise LaminaError(f"export destination {output.uri} already holds a published artifact")
+    source = native.checkpoint
+    run_id = claim(
+        output,
+        recipe_hash=f"export:{fmt}:{native.manifest.get('recipe_hash', '')}",
+        fingerprint=source.fingerprint,
+    )
+    stage = staging(output, run_id)
+    report = ExportReport(output=output.uri, format=fmt, linears=len(native.linears), nbytes=0, seconds=0.0)
+    weight_map: dict[str, str] = {}
+    for file in tqdm(sorted(source.headers), desc=f"export {fmt}", unit="shard", disable=not progress):
+        names = [n for n, f in source.weight_map.items() if f == file]
+        tensors = convert(native, fmt, source.read(names))
+        report.files[file] = put_tensors(stage.uri, file, tensors)
+        weight_map.update(dict.fromkeys(tensors, file))
+    qc = gptq_config(native) if fmt == "gptq" else compressed_tensors_config(native)
+    records = [
+        put_json(stage, "config.json", {**read_json(source.location, "config.json"), "quantization_config": qc}),
+        put_json(stage, INDEX, {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}),
+    ]
+    records += [put_bytes(stage, name, source.location.read_bytes(name)) for name in source.side_files()]
+    report.files.update({r.name: r for r in records})
+    report.nbytes = sum(r.size for r in report.files.values())
+    publish(
+        output,
+        run_id,
+        list(report.files.values()),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        export={"format": fmt, "from": native.checkpoint.uri},
+        recipe=native.manifest.get("recipe"),
+        recipe_hash=native.manifest.get("recipe_hash"),
+        source=native.manifest.get("source"),
+        versions=native.manifest.get("versions"),
+    )
+    report.seconds = time.perf_counter() - start
+    return report
