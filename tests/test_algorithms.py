@@ -185,3 +185,20 @@ def test_mse_clipping_lowers_the_rounding_error_and_keeps_gptq_ahead(real_block,
     # measured here: 4-bit g64 3818 vs 4367, 3-bit g128 asym 15465 vs 20185 (RTN: 13394 vs 16405)
     assert errors["gptq", True] < 1.02 * errors["gptq", False]
     assert errors["gptq", True] < 0.9 * errors["rtn", True]
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_a_partial_last_group_is_stored_with_g_idx(act_order: bool) -> None:
+    gen = torch.Generator().manual_seed(5)
+    W = torch.randn(16, 96, generator=gen)  # group 64 leaves a last group of 32
+    scheme = UniformScheme(bits=4, group_size=64, partial_groups=True)
+    with pytest.raises(ValueError, match="group size 64 does not divide input size 96"):
+        UniformScheme(bits=4, group_size=64).groups(96)
+    qw = rtn(W, scheme)
+    assert qw.scales.shape == (16, 2) and torch.equal(qw.g_idx, (torch.arange(96) // 64).int())
+    step = qw.scales.float()[:, qw.g_idx.long()]  # [16, 96]
+    assert ((dequantize(qw) - W).abs() <= step + 1e-6).all()  # half a step, or the clipped top value
+    # the short group's grid is its own 32 columns' range: padding did not widen it
+    assert torch.allclose(qw.scales[:, 1].float(), 2 * W[:, 64:].abs().amax(dim=1) / 15, rtol=1e-3)
+    same = gptq(W, torch.eye(96), scheme, GPTQConfig(act_order=act_order))
+    assert torch.equal(dequantize(same), dequantize(qw)) and same.g_idx is not None

@@ -214,3 +214,19 @@ def test_cli_export_and_an_occupied_destination(artifacts, tmp_path, capsys) -> 
     assert main(["-q", "export", artifacts["asym3"], "--format", "compressed-tensors", dest]) == 2
     assert "already holds a published artifact" in capsys.readouterr().err
     assert (Path(dest) / MANIFEST).exists()
+
+
+def test_transformers_loads_the_compressed_tensors_export_to_our_weights(artifacts) -> None:
+    """transformers' own loader (which calls compressed-tensors) on the export, dequantizing."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    folder = open_location(artifacts["asym3"]).uri
+    dest = export(artifacts["asym3"], "compressed-tensors", f"{folder}-ct", progress=False).output
+    model = AutoModelForCausalLM.from_pretrained(
+        open_location(dest).root, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32
+    )
+    ours = native_weights(artifacts["asym3"])
+    assert len(ours) == 210
+    for linear, W in ours.items():
+        loaded = model.get_submodule(linear)
+        assert isinstance(loaded, torch.nn.Linear) and torch.equal(loaded.weight.detach(), W.half().float()), linear
