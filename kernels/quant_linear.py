@@ -38,5 +38,14 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return reference.linear(x, self.quantized, self.bias)
 
+    def dense(self) -> nn.Linear:
+        """An nn.Linear holding the dequantized weight: the same outputs as this layer's
+        reference path, for running one layer over many batches on CPU."""
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        layer.weight = nn.Parameter(reference.dequantize(self.quantized), requires_grad=False)
+        if self.bias is not None:
+            layer.bias = nn.Parameter(self.bias.float(), requires_grad=False)
+        return layer.eval()
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"

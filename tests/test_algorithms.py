@@ -80,6 +80,17 @@ def test_quant_linear_matches_dequantized_matmul() -> None:
     bias = torch.randn(48)
     x = torch.randn(5, 128)
     assert torch.allclose(QuantLinear(qw, bias)(x), x @ dequantize(qw).T + bias, atol=1e-5)
+    dense = QuantLinear(qw, bias).dense()
+    assert torch.equal(dense(x), QuantLinear(qw, bias)(x)) and not dense.weight.requires_grad
+
+
+@pytest.mark.parametrize("width", [5, 128, 300])
+def test_input_gram_is_x_transpose_x_and_symmetric(width: int) -> None:
+    """Blocks above the diagonal are computed and mirrored: the result is still X^T X."""
+    X = torch.randn(3, 70, width, generator=torch.Generator().manual_seed(width))  # [seqs, T, in]
+    H = input_gram(X)
+    flat = X.reshape(-1, width).double()
+    assert torch.allclose(H.double(), flat.T @ flat, rtol=1e-5, atol=1e-3) and torch.equal(H, H.T)
 
 
 @pytest.fixture(scope="module")

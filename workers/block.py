@@ -7,6 +7,7 @@ driver can sum them in chunk order). The driver decides what runs where.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -43,6 +44,10 @@ def from_arrays(arrays: Arrays, *, bits: int, group_size: int) -> QuantizedWeigh
     return QuantizedWeight.from_tensors(
         {k: torch.from_numpy(v) for k, v in arrays.items()}, bits=bits, group_size=group_size
     )
+
+
+class _StopForwardError(Exception):
+    """Raised by calibration's input hooks once every wanted input has been seen."""
 
 
 class BlockRunner:
@@ -84,10 +89,12 @@ class BlockRunner:
         with torch.device("meta"):
             layer = getattr(self.modeling, self.layout.layer_class)(self.config, index)
         layer = layer.to_empty(device="cpu")
-        for linear in self.layout.linears:
-            if f"{linear}.qweight" in self.raw:
-                self._swap(layer, linear, self._stored_quantized(linear))
+        quantized = [linear for linear in self.layout.linears if f"{linear}.qweight" in self.raw]
+        for linear in quantized:
+            self._swap(layer, linear, self._stored_quantized(linear))
         layer.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in self.raw.items()}, strict=True)
+        for linear in quantized:  # QuantLinear's CPU reference path dequantizes: once per block, not per chunk
+            self._swap(layer, linear, layer.get_submodule(linear).dense())
         self.layer, self.index = layer.eval(), index
         return self.checkpoint.bytes_of(names)
 
@@ -115,19 +122,29 @@ class BlockRunner:
     @torch.inference_mode()
     def calibrate(self, groups: list[str] | None = None) -> dict[int, Arrays]:
         """Per chunk, the sum of x x^T of the inputs of each linear group (all, or those
-        named by their first linear): {chunk: {group: H}}."""
+        named by their first linear): {chunk: {group: H}}. The forward of a chunk stops
+        once the last wanted input is seen: the rest of the block is not needed here."""
         captured: dict[str, torch.Tensor] = {}
         names = [group[0] for group in self.layout.groups] if groups is None else groups
+
+        def capture(name: str, x: torch.Tensor) -> None:
+            captured[name] = input_gram(x)
+            if len(captured) == len(names):
+                raise _StopForwardError
+
         hooks = [
-            self.layer.get_submodule(name).register_forward_hook(
-                lambda _m, inputs, _o, name=name: captured.__setitem__(name, input_gram(inputs[0]))
+            self.layer.get_submodule(name).register_forward_pre_hook(
+                lambda _m, inputs, name=name: capture(name, inputs[0])
             )
             for name in names
         ]
         try:
             result = {}
             for chunk, hidden in self.hidden.items():
-                self._run(hidden)
+                with contextlib.suppress(_StopForwardError):
+                    self._run(hidden)
+                if missing := sorted(set(names) - set(captured)):
+                    raise RuntimeError(f"block {self.index}: the forward never reached {', '.join(missing)}")
                 result[chunk] = {name: h.numpy() for name, h in captured.items()}
                 captured.clear()
             return result
@@ -156,12 +173,15 @@ class BlockRunner:
         return out
 
     def install(self, scheme: UniformScheme, *solved: dict[str, Arrays]) -> None:
-        """Replace the block's linears by QuantLinears holding the solved weights."""
+        """Replace the block's linears by the solved weights, dequantized once: the block
+        runs every chunk through them, and the same matmul as QuantLinear's reference
+        path (dequantize, then linear) gives the same outputs without repeating the
+        dequantization per chunk."""
         for part in solved:
             for linear, arrays in part.items():
                 bias = self.layer.get_submodule(linear).bias
                 qw = from_arrays(arrays, bits=scheme.bits, group_size=scheme.group_size)
-                self._swap(self.layer, linear, QuantLinear(qw, bias))
+                self._swap(self.layer, linear, QuantLinear(qw, bias).dense())
 
     @torch.inference_mode()
     def forward(self) -> None:
