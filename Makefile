@@ -31,7 +31,7 @@ format: install
 
 # pytest exits 5 when it collects no test: say so and fail, rather than pass silently.
 test: fixtures lint
-	$(RAY_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	$(RAY_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider --durations=12 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 demo: fixtures

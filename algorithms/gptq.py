@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from algorithms import grid
-from algorithms.rtn import assemble, in_groups, partial_g_idx
+from algorithms.rtn import assemble, partial_g_idx
 from algorithms.types import QuantizedWeight, UniformScheme
 
 log = logging.getLogger(__name__)
@@ -20,10 +20,12 @@ log = logging.getLogger(__name__)
 class GPTQConfig:
     """damp: fraction of the mean Hessian diagonal added to it; block_size: lazy-batch width;
     act_order: solve columns by descending Hessian diagonal ("desc_act");
-    static_groups (with act_order): keep groups as runs of stored columns with grids fixed
-    from the weights before the solve, so no `g_idx` is stored; without it, groups are runs
-    of the solve order, each grid chosen when the solve reaches it, and `g_idx` maps every
-    stored column to its group; mse: choose each group's grid by the clipping search of
+    static_groups (with act_order): keep groups as runs of stored columns, so no `g_idx` is
+    stored, each grid chosen when the solve reaches the group's first column (in solve
+    order) from the group's columns as updated by then (not, as other implementations do,
+    from the weights before the solve: the solve can move columns far outside that range);
+    without it, groups are runs of the solve order, and `g_idx` maps every stored column
+    to its group; mse: choose each group's grid by the clipping search of
     grid.find_params instead of min-max (also used by RTN)."""
 
     damp: float = 0.01
@@ -64,22 +66,27 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
         damp *= 10
 
 
-def static_group_params(W: torch.Tensor, scheme: UniformScheme, mse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Grid of every group from the weights before the solve: scale, zero [out, groups]."""
-    out, n = W.shape
-    groups, width = scheme.groups(n), scheme.group_width(n)
-    scale, zero = grid.find_params(in_groups(W, groups, width), scheme, mse=mse)  # [out*groups]
-    return scale.reshape(out, groups), zero.reshape(out, groups)
+def updated_columns(
+    W: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor, i1: int, col: int, pos: torch.Tensor
+) -> torch.Tensor:
+    """The not yet solved columns at solve positions `pos` (all >= col) as the solve has
+    updated them so far: [out, len(pos)]. Those in the current batch (from i1) are up to
+    date in W1; those after it still miss the batch's pending updates Err1 Hinv[i1:col]."""
+    i2 = i1 + W1.shape[1]
+    inside, after = pos[pos < i2], pos[pos >= i2]
+    pending = Err1[:, : col - i1] @ Hinv[i1:col, after]  # [out, len(after)]
+    return torch.cat([W1[:, inside - i1], W[:, after] - pending], dim=1)
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQConfig = GPTQConfig()) -> QuantizedWeight:
     """Quantize W [out, in] column by column, pushing each column's error onto the columns
     not yet quantized, weighted by the inverse Hessian H [in, in] of the layer's inputs.
 
-    Without act_order, a group's grid is chosen when the solve reaches its first column,
-    from the weights as updated so far; with act_order, grids are fixed up front (static
-    groups) and columns are solved by descending diag(H). With H = I no error is
-    propagated and the result equals RTN.
+    A group's grid is chosen when the solve reaches the group's first column, from the
+    group's columns as updated so far. With act_order, columns are solved by descending
+    diag(H); groups are runs of that solve order (stored with g_idx) or, with
+    static_groups, runs of stored columns, whose columns the solve reaches in any order.
+    With H = I no error is propagated and the result equals RTN.
     """
     W = W.float().clone()  # [out, in]
     out, n = W.shape
@@ -89,15 +96,15 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQCo
     H[dead, dead] = 1
     W[:, dead] = 0
     perm = torch.argsort(H.diagonal(), descending=True, stable=True) if config.act_order else torch.arange(n)  # [in]
-    static = static_group_params(W, scheme, config.mse) if config.act_order and config.static_groups else None
+    static = config.act_order and config.static_groups
+    stored = torch.argsort(perm)  # [in], solve position of each stored column
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = inverse_cholesky(H, config.damp)  # [in, in], upper triangular
 
     codes = torch.zeros(out, n, dtype=torch.uint8)  # [out, in], solve order
     scales = torch.zeros(out, groups)  # [out, groups]
     zeros = torch.zeros(out, groups)  # [out, groups]
-    if static is not None:
-        scales, zeros = static
+    chosen = torch.zeros(groups, dtype=torch.bool)  # static groups whose grid is set
     scale = zero = torch.zeros(out)
     for i1 in range(0, n, config.block_size):
         i2 = min(i1 + config.block_size, n)
@@ -106,14 +113,14 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQCo
         Hinv1 = Hinv[i1:i2, i1:i2]  # [b, b]
         for i in range(i2 - i1):
             col = i1 + i
-            if static is not None:
-                g = int(perm[col]) // width
+            g = int(perm[col]) // width if static else col // width
+            if (static and not chosen[g]) or (not static and col % width == 0):
+                pos = stored[g * width : (g + 1) * width] if static else torch.arange(col, min(col + width, n))
+                current = updated_columns(W, W1, Err1, Hinv, i1, col, pos)  # [out, width]
+                scale, zero = grid.find_params(current, scheme, mse=config.mse)
+                scales[:, g], zeros[:, g], chosen[g] = scale, zero, True
+            elif static:
                 scale, zero = scales[:, g], zeros[:, g]
-            elif col % width == 0:
-                spill = max(0, i + width - (i2 - i1))  # the group's columns past this batch
-                ahead = torch.cat([W1[:, i : i + width], W[:, i2 : i2 + spill]], dim=1)  # [out, width]
-                scale, zero = grid.find_params(ahead, scheme, mse=config.mse)
-                scales[:, col // width], zeros[:, col // width] = scale, zero
             w = W1[:, i]  # [out]
             q = grid.quantize(w, scale, zero, scheme.maxq)  # [out]
             codes[:, col] = q.to(torch.uint8)
@@ -121,8 +128,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQCo
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    stored = torch.argsort(perm)  # solve position of each stored column
     g_idx = stored // width  # [in]
-    if static is not None or torch.equal(g_idx, torch.arange(n) // width):
+    if static or torch.equal(g_idx, torch.arange(n) // width):
         g_idx = partial_g_idx(n, width)  # groups are runs of stored columns: stored only if the last is short
     return assemble(codes[:, stored], scales, zeros, scheme, g_idx)

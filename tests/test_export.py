@@ -137,16 +137,17 @@ def test_gptq_export_unpacks_to_our_weights(artifacts, tmp_path, name) -> None:
 
 
 def test_partial_groups_and_kept_layers_run_through_eval(artifacts) -> None:
-    recipe = parse(recipe_doc(Path("unused")))
+    """The first 4 of the protocol's 16 evaluation windows (a quarter of its time)."""
+    recipe = parse(recipe_doc(Path("unused"), eval={"tokens": 4096}))
     ppl = {
         name: evaluate(artifacts[name], recipe.eval, recipe.resources, progress=False).perplexity
         for name in ("partial", "kept")
     }
-    print(f"\nreference protocol perplexities: {ppl}")
-    # unquantized 11.60; RTN 4-bit g64 17.18 (tests/test_end_to_end.py); measured here:
-    # kept 12.84 (only down_proj quantized, on 8 x 128 calibration tokens), partial 17.99
-    assert 11.7 < ppl["kept"] < 13.5
-    assert 16.0 < ppl["partial"] < 19.0
+    print(f"\nperplexities on 4096 tokens: {ppl}")
+    # measured on these 4096 tokens: unquantized 15.21, kept 17.00 (only down_proj quantized,
+    # on 8 x 128 calibration tokens), partial 22.94 (RTN); on all 16,384: 11.60, 12.88, 17.99
+    assert 15.3 < ppl["kept"] < 18.5
+    assert 21.0 < ppl["partial"] < 25.0
 
 
 @pytest.mark.parametrize("name", ["asym3", "channel", "kept"])
