@@ -69,7 +69,7 @@ def test_source_perplexity_matches_the_protocol(protocol_runs) -> None:
 
 def test_gptq_4bit_g64_sym_quality(protocol_runs) -> None:
     _, ppl = protocol_runs
-    assert ppl["gptq"] <= 15.0
+    assert ppl["gptq"] <= 14.4  # the bar: an established open implementation measured 14.42
     # RTN on GPTQ's grid measured 17.18 here (the protocol quotes 16.89 for an RTN whose
     # grid it does not name); a broken grid or packing lands far outside this band
     assert 15.5 < ppl["rtn"] < 18.5
