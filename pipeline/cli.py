@@ -23,11 +23,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     rows = [
         ("artifact", report.output),
         ("recipe hash", report.recipe_hash[:16]),
-        ("blocks", str(report.blocks)),
+        ("blocks", f"{report.blocks} ({report.resumed} done by an earlier attempt)"),
+        ("workers", f"{report.workers} ({report.workers_lost} lost, {report.retries} blocks redone)"),
         ("source size", size(report.source_bytes)),
         ("artifact size", size(report.artifact_bytes)),
         *((f"{phase} seconds", f"{s:.1f}") for phase, s in report.seconds.items()),
         *(("export", uri) for uri in report.exports),
+        ("event log", report.events),
     ]
     print(table(rows, "lamina quantize: done"))
     return 0
@@ -98,6 +100,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
     from storage import journal
     from storage.fs import open_location
     from storage.manifest import MANIFEST, read_manifest
@@ -115,6 +119,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     total = about.get("blocks", "?")
     last = f", last finished: block {max(blocks)}" if blocks else ""
     print(f"{args.output}: run {about['run_id']} not published; {len(blocks)} of {total} blocks journaled{last}")
+    events = journal.read_events(output, about["run_id"])
+    if events:
+        attempts = sum(e["event"] in ("run_started", "run_resumed") for e in events)
+        lost = sum(e["event"] == "worker_lost" for e in events)
+        ago = time.time() - events[-1]["time"]
+        print(f"  attempts {attempts}, workers lost {lost}; last event {events[-1]['event']} {ago:.0f} s ago")
+        rows = [
+            (f"block {e['block']}", f"{sum(e['seconds'].values()):.1f} s  {e['bytes']} bytes  by {e['writer']}")
+            for e in events
+            if e["event"] == "block_finished"
+        ]
+        rows += [("error", e["error"]) for e in events if e["event"] == "error"]
+        if rows:
+            print(table(rows, "  journal"))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from types import ModuleType
 
 from pipeline.errors import LaminaError
@@ -33,19 +34,74 @@ def connect(resources: Resources) -> ModuleType:
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
         raise LaminaError(
-            f"resources: {resources.workers} workers x {resources.cpus_per_worker} CPUs need {need} CPUs, "
+            f"resources: {resources.workers} workers x {resources.cpus_per_worker:g} CPUs need {need:g} CPUs, "
             f"the Ray cluster has {have:g}"
         )
     return ray
 
 
-def start_runners(ray: ModuleType, resources: Resources, **kwargs: object) -> list:
-    """The workers, each reaching storage with the driver's resolved storage options."""
+PLACEMENT_TIMEOUT_S = float(os.environ.get("LAMINA_PLACEMENT_TIMEOUT_S", 300))
+
+
+@dataclass
+class Pool:
+    """The run's workers, in a placement group that keeps them together; `release` kills
+    them and gives the group's resources back."""
+
+    ray: ModuleType
+    runners: list
+    group: object
+
+    def release(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for r in self.runners:
+            self.ray.kill(r)
+        remove_placement_group(self.group)
+
+
+def start_runners(ray: ModuleType, resources: Resources, **kwargs: object) -> Pool:
+    """The workers, one per placement group bundle, each reaching storage with the
+    driver's resolved storage options; refuses, naming the request, a group the cluster
+    cannot place."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     from workers.actors import block_actor
 
-    actor = block_actor(num_cpus=resources.cpus_per_worker)
-    options = {"threads": resources.cpus_per_worker, "storage": configured(), **kwargs}
-    return [actor.remote(**options) for _ in range(resources.workers)]
+    bundle = resources.bundle()
+    group = placement_group([bundle] * resources.workers, strategy=resources.placement.upper())
+    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    if not ready:
+        remove_placement_group(group)
+        raise LaminaError(
+            f"resources: the Ray cluster could not place {resources.workers} workers of {bundle} "
+            f"({resources.placement}) within {PLACEMENT_TIMEOUT_S:g} s; it has {ray.available_resources()}"
+        )
+    actor = block_actor()
+    threads = max(1, int(resources.cpus_per_worker))
+    options = {"threads": threads, "storage": configured(), **kwargs}
+    runners = [
+        actor.options(
+            num_cpus=resources.cpus_per_worker,
+            num_gpus=resources.gpus_per_worker,
+            memory=bundle.get("memory"),
+            resources=resources.custom or None,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+        ).remote(**options)
+        for i in range(resources.workers)
+    ]
+    return Pool(ray, runners, group)
+
+
+class WorkerLostError(Exception):
+    """A worker (or the node, or an object only it held) is gone: redo the block without it."""
+
+
+def lost(ray: ModuleType) -> tuple[type[Exception], ...]:
+    """Ray's errors that mean a worker, its node or an object only it held is gone."""
+    x = ray.exceptions
+    return (x.RayActorError, x.ObjectLostError, x.NodeDiedError, x.WorkerCrashedError)
 
 
 def get(ray: ModuleType, refs: object) -> object:
@@ -56,15 +112,21 @@ def get(ray: ModuleType, refs: object) -> object:
     except ray.exceptions.RayTaskError as e:
         if isinstance(e.cause, (StorageError, LaminaError)):
             raise e.cause from None
+        if isinstance(e.cause, lost(ray)):  # a task whose input came from a worker that is gone
+            raise WorkerLostError(str(e.cause).strip().splitlines()[-1]) from None
         raise
     except ray.exceptions.RayActorError as e:
         # a worker whose constructor raised: Ray keeps only the text of the traceback
         last = (getattr(e, "error_msg", "") or str(e)).strip().splitlines()[-1]
-        for kind in (StorageError, LaminaError):
-            prefix = f"{kind.__module__}.{kind.__name__}: "
-            if getattr(e, "_actor_init_failed", False) and last.startswith(prefix):
-                raise kind(f"a worker could not start: {last.removeprefix(prefix)}") from None
-        raise
+        if getattr(e, "_actor_init_failed", False):
+            for kind in (StorageError, LaminaError):
+                prefix = f"{kind.__module__}.{kind.__name__}: "
+                if last.startswith(prefix):
+                    raise kind(f"a worker could not start: {last.removeprefix(prefix)}") from None
+            raise
+        raise WorkerLostError(last) from None
+    except lost(ray) as e:
+        raise WorkerLostError(str(e).strip().splitlines()[0]) from None
 
 
 def split(n: int, parts: int) -> list[range]:

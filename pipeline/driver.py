@@ -1,11 +1,19 @@
 """The Ray driver of a quantization run. It holds plans, object references and small
-records, never model weights: workers load, calibrate, solve, write and propagate.
+records, never model weights or Hessians: workers load, calibrate, solve, write and
+propagate.
 
-Per block i: every worker loads block i by range reads; each runs its chunks through it
-and returns per-chunk Hessians, summed here in chunk order (so the sum, and the artifact,
-do not depend on the number of workers); the block's linears are solved spread over the
-workers; one worker writes the shard; all install the quantized block and run their
+Per block i: every worker loads block i by range reads and runs its chunks through it,
+folding the chunks' Hessians into subtrees of one fixed tree over all chunks; one worker
+folds the subtrees into the block's Hessians (workers.chunk_sum: the same bits for any
+number of workers); the block's linears, and row ranges of large ones, are solved spread
+over the workers, balanced by the planner's cost estimates; one worker writes the shard
+into staging and the driver journals it; all install the quantized block and run their
 chunks through it to make block i+1's inputs.
+
+A run survives: re-running the same recipe on the same output resumes after the last
+journaled block (inputs rebuilt by running the chunks through the staged blocks), with any
+number of workers; a worker or node lost mid-block costs that block, whose chunks move to
+the surviving workers. Both give the bytes of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -15,12 +23,13 @@ import platform
 import time
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 from tqdm import tqdm
 
 from pipeline import cluster
+from pipeline.cluster import WorkerLostError
+from pipeline.errors import LaminaError
 from pipeline.export import export
-from pipeline.plan import BlockPlan, Plan, make_plan
+from pipeline.plan import BlockPlan, Plan, SolveTask, make_plan
 from pipeline.recipe import Recipe
 from storage import journal
 from storage.checkpoint import read_json
@@ -28,9 +37,11 @@ from storage.fs import open_location
 from storage.options import configure
 from storage.staging import claim, publish, staging
 from storage.writer import FileRecord, put_bytes, put_json
+from workers.block import StagedBlocks
 
 log = logging.getLogger(__name__)
 PHASES = ("load", "calibrate", "solve", "write+propagate", "publish")
+EVENTS = "lamina-events.jsonl"  # the run's event log, as published in the artifact
 
 
 @dataclass
@@ -43,30 +54,33 @@ class RunReport:
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     files: dict[str, FileRecord] = field(default_factory=dict)
     exports: list[str] = field(default_factory=list)
+    resumed: int = 0  # blocks taken from the journal of an earlier attempt
+    workers_lost: int = 0
+    retries: int = 0  # blocks redone after losing workers
+    workers: int = 0  # at the start
+    events: str = ""  # URI of the run's event log, published with the artifact
+
+
+@dataclass(frozen=True)
+class Worker:
+    name: str
+    handle: object
 
 
 def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def assign_linears(block: BlockPlan, workers: int) -> list[list[str]]:
-    """Longest solve first onto the least loaded worker: deterministic, cost-balanced."""
-    shares: list[list[str]] = [[] for _ in range(workers)]
+def balance(costs: list[int], workers: int) -> list[list[int]]:
+    """Largest cost first onto the least loaded worker: deterministic, cost-balanced
+    shares of the indices of `costs`."""
+    shares: list[list[int]] = [[] for _ in range(workers)]
     load = [0] * workers
-    for lin in sorted(block.linears, key=lambda lin: (-lin.solve_cost, lin.name)):
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         w = load.index(min(load))
-        shares[w].append(lin.name)
-        load[w] += lin.solve_cost
+        shares[w].append(i)
+        load[w] += costs[i]
     return shares
-
-
-def sum_in_chunk_order(per_worker: list[dict[int, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
-    chunks = {c: h for part in per_worker for c, h in part.items()}
-    total: dict[str, np.ndarray] = {}
-    for c in sorted(chunks):
-        for name, h in chunks[c].items():
-            total[name] = h.copy() if name not in total else total[name] + h
-    return total
 
 
 def quantization_config(recipe: Recipe) -> dict:
@@ -85,10 +99,13 @@ def quantization_config(recipe: Recipe) -> dict:
 class Run:
     """One quantization run: writes into the staging folder `stage` of its claimed output."""
 
-    def __init__(self, plan: Plan, ray: object, runners: list, run_id: str):
-        self.plan, self.ray, self.runners, self.run_id = plan, ray, runners, run_id
+    def __init__(self, plan: Plan, pool: cluster.Pool, run_id: str, *, progress: bool = True):
+        self.plan, self.ray, self.pool, self.run_id, self.progress = plan, pool.ray, pool, run_id, progress
         self.output = open_location(plan.output_uri)
         self.stage = staging(self.output, run_id)
+        self.events = journal.EventLog(self.output, run_id)
+        names = cluster.get(self.ray, [r.whoami.remote() for r in pool.runners])
+        self.workers = [Worker(f"w{i}:{name}", r) for i, (name, r) in enumerate(zip(names, pool.runners, strict=True))]
         recipe = plan.recipe
         n = len(plan.blocks) + 1
         self.report = RunReport(
@@ -97,9 +114,18 @@ class Run:
             source_bytes=plan.source_bytes,
             artifact_bytes=0,
             blocks=len(plan.blocks),
+            workers=len(self.workers),
+            events=f"{self.output.uri}/{EVENTS}",
         )
         self.shards = [shard_name(i, n) for i in range(n)]
         self.weight_map: dict[str, str] = {}
+        self.chunks = 0 if plan.calibration is None else -(-len(plan.calibration) // recipe.calibration.chunk_size)
+        self.fp = plan.needs_calibration and recipe.calibration.propagation == "fp"
+
+    # ---- bookkeeping --------------------------------------------------------------
+    @property
+    def runners(self) -> list:
+        return [w.handle for w in self.workers]
 
     def timed(self, phase: str, refs: list) -> list:
         start = time.perf_counter()
@@ -107,33 +133,103 @@ class Run:
         self.report.seconds[phase] += time.perf_counter() - start
         return out
 
-    def record(self, file_and_names: tuple[FileRecord, list[str]]) -> None:
-        record, names = file_and_names
+    def record(self, record: FileRecord, names: list[str]) -> None:
         self.report.files[record.name] = record
         self.weight_map.update(dict.fromkeys(names, record.name))
 
-    def set_inputs(self) -> None:
-        tokens, chunk = self.plan.calibration, self.plan.recipe.calibration.chunk_size
-        chunks = {c: tokens[c * chunk : (c + 1) * chunk] for c in range(-(-len(tokens) // chunk))}
-        shares = cluster.split(len(chunks), len(self.runners))
-        self.timed(
-            "load", [r.set_inputs.remote({c: chunks[c] for c in s}) for r, s in zip(self.runners, shares, strict=True)]
-        )
+    def chunk_tokens(self, chunks: list[int]) -> dict:
+        tokens, size = self.plan.calibration, self.plan.recipe.calibration.chunk_size
+        return {c: tokens[c * size : (c + 1) * size] for c in chunks}
 
-    def begin(self) -> None:
-        """The journal's first entry: what this run is, and where its blocks go."""
+    def staged(self, blocks: int) -> StagedBlocks | None:
+        """The first `blocks` finished blocks, as a worker's inputs must pass through them."""
+        if not blocks:
+            return None
+        grid = self.plan.recipe.scheme.grid
+        return StagedBlocks(self.stage.uri, tuple(self.shards[:blocks]), grid.bits, grid.group_size)
+
+    def set_inputs(self, at: int) -> None:
+        """Every worker a contiguous share of the chunks, as inputs of block `at`."""
+        shares = cluster.split(self.chunks, len(self.workers))
+        staged = self.staged(at)
+        tokens = [self.chunk_tokens(list(s)) for s in shares]
+        self.timed("load", [r.set_inputs.remote(t, staged) for r, t in zip(self.runners, tokens, strict=True)])
+
+    def start(self) -> list[BlockPlan]:
+        """Journal the run (first attempt) or take the finished blocks from its journal
+        (a re-run of the same recipe on the same output); returns the blocks to do."""
         recipe = self.plan.recipe
-        journal.begin(
-            self.output,
-            self.run_id,
-            recipe_hash=recipe.hash(),
-            fingerprint=self.plan.fingerprint,
+        entries = journal.journal(self.output, self.run_id)
+        if not entries.exists("run.json"):
+            journal.begin(
+                self.output,
+                self.run_id,
+                recipe_hash=recipe.hash(),
+                fingerprint=self.plan.fingerprint,
+                blocks=len(self.plan.blocks),
+                shards=self.shards,
+                started=time.time(),
+            )
+        done = journal.finished(self.output, self.run_id, self.stage)
+        if not self.fp:  # blocks depend on the ones before them: resume after the finished prefix
+            prefix = next((b.index for b in self.plan.blocks if b.index not in done), len(self.plan.blocks))
+            done = {i: e for i, e in done.items() if i < prefix}
+        for entry in done.values():
+            self.record(FileRecord(**entry["file"]), entry["tensors"])
+        self.report.resumed = len(done)
+        self.events.emit(
+            "run_resumed" if done else "run_started",
+            run_id=self.run_id,
             blocks=len(self.plan.blocks),
-            shards=self.shards,
-            workers=len(self.runners),
-            started=time.time(),
+            finished=sorted(done),
+            workers=[w.name for w in self.workers],
         )
+        return [b for b in self.plan.blocks if b.index not in done]
 
+    # ---- losing workers -----------------------------------------------------------
+    def recover(self, at: int, error: str) -> None:
+        """Drop the workers that are gone and give their chunks, as inputs of block `at`,
+        to the survivors (which keep the chunks they hold at `at`)."""
+        alive, states = [], {}
+        for w in self.workers:
+            try:
+                states[w.name] = cluster.get(self.ray, w.handle.state.remote())
+                alive.append(w)
+            except WorkerLostError:
+                self.report.workers_lost += 1
+                self.events.emit("worker_lost", block=at, worker=w.name, error=error)
+        if not alive:
+            raise LaminaError(f"block {at}: every worker was lost ({error})")
+        self.workers = alive
+        if not self.chunks:
+            return
+        kept = {w.name: set(states[w.name][1]) for w in alive if states[w.name][0] == at}
+        orphans = sorted(set(range(self.chunks)) - set().union(*kept.values()))
+        staged = self.staged(at)
+        calls = []
+        for w, share in zip(alive, cluster.split(len(orphans), len(alive)), strict=True):
+            tokens = self.chunk_tokens([orphans[k] for k in share])
+            if w.name in kept:
+                calls.append(w.handle.add_inputs.remote(tokens, staged))
+            else:
+                calls.append(w.handle.set_inputs.remote(tokens, staged))
+        self.timed("load", calls)
+        self.events.emit("chunks_moved", block=at, chunks=orphans, workers=[w.name for w in alive])
+
+    def attempt(self, what: str, at: int, step) -> object:
+        """step(), redone after recovering from lost workers, up to resources.max_retries."""
+        retries = self.plan.recipe.resources.max_retries
+        for attempt in range(retries + 1):
+            try:
+                return step()
+            except WorkerLostError as e:
+                if attempt == retries:
+                    raise LaminaError(f"{what}: workers lost {retries + 1} times, last: {e}") from None
+                self.report.retries += 1
+                self.recover(at, str(e))
+        raise AssertionError("unreachable")
+
+    # ---- sequential propagation ---------------------------------------------------
     def stages(self, block: BlockPlan) -> list[BlockPlan]:
         """The block's linears in solve stages: all at once, or with true_sequential one
         stage per group of linears sharing an input, in the layout's order."""
@@ -144,36 +240,53 @@ class Run:
         stages = [tuple(by_name[name] for name in group if name in by_name) for group in self.plan.layout.groups]
         return [replace(block, linears=linears) for linears in stages if linears]
 
-    def block(self, block: BlockPlan) -> None:
-        """Quantize one block, write its shard into staging, and journal it.
+    def hessians(self, groups: list[str] | None) -> object:
+        """A reference to the block's Hessians, folded on the first worker; never fetched here."""
+        parts = [r.calibrate.remote(self.chunks, groups) for r in self.runners]
+        folded = self.runners[0].reduce.remote(self.chunks, *parts)
+        start = time.perf_counter()
+        self.ray.wait([folded], fetch_local=False)
+        self.report.seconds["calibrate"] += time.perf_counter() - start
+        return folded
+
+    def solve(self, block: int, tasks: list[SolveTask], hessians: object, runners: list) -> list:
+        """The tasks spread over `runners` by cost; references to their solved pieces."""
+        scheme = self.plan.recipe.scheme
+        tokens = 0 if self.plan.calibration is None else self.plan.calibration.size
+        shares = balance([t.cost for t in tasks], len(runners))
+        return [
+            runner.solve.remote(
+                block,
+                [(tasks[k].linear, tasks[k].first, tasks[k].last) for k in share],
+                hessians,
+                tokens=tokens,
+                algorithm=scheme.algorithm,
+                scheme=scheme.grid,
+                options=scheme.options,
+            )
+            for runner, share in zip(runners, shares, strict=True)
+            if share
+        ]
+
+    def tasks(self, block: BlockPlan) -> list[SolveTask]:
+        return [t for lin in block.linears for t in lin.pieces(self.plan.recipe.scheme.solve_rows)]
+
+    def block(self, block: BlockPlan) -> tuple[FileRecord, list[str]]:
+        """Quantize one block and write its shard into staging.
 
         Per stage: calibrate the stage's groups on the block as quantized so far, solve its
         linears spread over the workers, and (when a stage follows) install them."""
         plan, scheme = self.plan, self.plan.recipe.scheme
-        before = dict(self.report.seconds)
         self.timed("load", [r.load_block.remote(block.index) for r in self.runners])
-        tokens = 0 if plan.calibration is None else plan.calibration.size
         stages = self.stages(block)
         solved_all, installed = [], 0
         for n, stage in enumerate(stages):
             hessians = None
             if plan.needs_calibration:
                 groups = sorted({plan.layout.group_of(lin.name) for lin in stage.linears}) if len(stages) > 1 else None
-                per_worker = self.timed("calibrate", [r.calibrate.remote(groups) for r in self.runners])
-                hessians = self.ray.put(sum_in_chunk_order(per_worker))
+                hessians = self.hessians(groups)
             start = time.perf_counter()
-            solved = [
-                runner.solve.remote(
-                    share,
-                    hessians,
-                    tokens=tokens,
-                    algorithm=scheme.algorithm,
-                    scheme=scheme.grid,
-                    options=scheme.options,
-                )
-                for runner, share in zip(self.runners, assign_linears(stage, len(self.runners)), strict=True)
-                if share
-            ]
+            solved = self.solve(block.index, self.tasks(stage), hessians, self.runners)
             self.ray.wait(solved, num_returns=len(solved), fetch_local=False)
             self.report.seconds["solve"] += time.perf_counter() - start
             solved_all += solved
@@ -186,16 +299,80 @@ class Run:
         if plan.needs_calibration and not last:
             propagated = [r.install.remote(scheme.grid, *solved_all[installed:]) for r in self.runners]
             propagated += [r.forward.remote() for r in self.runners]
-        record, names = self.timed("write+propagate", [written, *propagated])[0]
-        self.record((record, names))
+        return self.timed("write+propagate", [written, *propagated])[0]
+
+    def finished(self, block: BlockPlan, record: FileRecord, names: list[str], before: dict, writer: str) -> None:
+        self.record(record, names)
         seconds = {k: round(v - before[k], 3) for k, v in self.report.seconds.items() if v != before[k]}
         journal.block_done(self.output, self.run_id, block.index, record, tensors=sorted(names), seconds=seconds)
+        self.events.emit(
+            "block_finished",
+            block=block.index,
+            seconds=seconds,
+            bytes=record.size,
+            sha256=record.sha256,
+            writer=writer,
+            workers=[w.name for w in self.workers],
+        )
 
+    def sequential(self, todo: list[BlockPlan], bar: tqdm) -> None:
+        if self.chunks:
+            self.attempt("calibration inputs", todo[0].index, lambda: self.set_inputs(todo[0].index))
+        for block in todo:
+            before = dict(self.report.seconds)
+            self.events.emit("block_started", block=block.index, workers=[w.name for w in self.workers])
+            record, names = self.attempt(f"block {block.index}", block.index, lambda block=block: self.block(block))
+            self.finished(block, record, names, before, self.workers[0].name)
+            bar.update()
+            took = sum(v - before[k] for k, v in self.report.seconds.items())
+            bar.set_postfix_str(f"block {block.index}: {took:.1f} s")
+
+    # ---- fp propagation -----------------------------------------------------------
+    def all_at_once(self, todo: list[BlockPlan], bar: tqdm) -> None:
+        """Every block's Hessians from the unquantized model in one pass, then every
+        block solved and written at once, each block by one worker."""
+        left = list(todo)
+        self.attempt("fp propagation", 0, lambda: self._all_at_once(left, bar))
+
+    def _all_at_once(self, left: list[BlockPlan], bar: tqdm) -> None:
+        self.set_inputs(0)
+        last = max(b.index for b in left)
+        wanted = {b.index for b in left}
+        hessians = {}
+        for block in self.plan.blocks[: last + 1]:
+            self.timed("load", [r.load_block.remote(block.index) for r in self.runners])
+            if block.index in wanted:
+                self.events.emit("block_started", block=block.index, workers=[w.name for w in self.workers])
+                hessians[block.index] = self.hessians(None)
+            if block.index < last:
+                self.timed("calibrate", [r.forward.remote() for r in self.runners])
+        cluster.get(self.ray, [r.set_inputs.remote({}) for r in self.runners])  # the pass's inputs are no longer needed
+        start, before = time.perf_counter(), dict(self.report.seconds)
+        costs = [sum(t.cost for t in self.tasks(b)) for b in left]
+        pending = {}
+        for w, share in zip(self.workers, balance(costs, len(self.workers)), strict=True):
+            for k in share:
+                block = left[k]
+                w.handle.load_block.remote(block.index)
+                solved = self.solve(block.index, self.tasks(block), hessians[block.index], [w.handle])
+                pending[w.handle.write_block.remote(self.stage.uri, self.shards[block.index], *solved)] = (block, w)
+        while pending:
+            ready, _ = self.ray.wait(list(pending), num_returns=1)
+            block, w = pending.pop(ready[0])
+            record, names = cluster.get(self.ray, ready[0])
+            self.report.seconds["solve"] += time.perf_counter() - start
+            start = time.perf_counter()
+            self.finished(block, record, names, before, w.name)
+            before = dict(self.report.seconds)
+            left.remove(block)
+            bar.update()
+
+    # ---- publishing ---------------------------------------------------------------
     def finish(self) -> None:
         plan, recipe = self.plan, self.plan.recipe
         start = time.perf_counter()
         copied = self.runners[0].copy_tensors.remote(self.stage.uri, self.shards[-1], list(plan.other_tensors))
-        self.record(cluster.get(self.ray, copied))
+        self.record(*cluster.get(self.ray, copied))
         source, stage = open_location(plan.source_uri), self.stage
         config = {**read_json(source, "config.json"), "quantization_config": quantization_config(recipe)}
         records = [put_json(stage, "config.json", config)]
@@ -204,6 +381,9 @@ class Run:
             records.append(put_bytes(stage, name, source.read_bytes(name)))
         for r in records:
             self.report.files[r.name] = r
+        self.events.emit("run_finished", seconds={k: round(v, 3) for k, v in self.report.seconds.items()})
+        events = self.events.location.read_bytes(journal.EVENTS)
+        self.report.files[EVENTS] = put_bytes(stage, EVENTS, events)  # published beside the weights
         self.report.artifact_bytes = sum(r.size for r in self.report.files.values())
         publish(
             self.output,
@@ -218,6 +398,19 @@ class Run:
         )
         self.report.seconds["publish"] += time.perf_counter() - start
 
+    def execute(self) -> None:
+        todo = self.start()
+        blocks = len(self.plan.blocks)
+        bar = tqdm(total=blocks, initial=self.report.resumed, desc="quantize", unit="block", disable=not self.progress)
+        try:
+            if todo and self.fp:
+                self.all_at_once(todo, bar)
+            elif todo:
+                self.sequential(todo, bar)
+        finally:
+            bar.close()
+        self.finish()
+
 
 def versions() -> dict[str, str]:
     from importlib.metadata import version
@@ -227,27 +420,23 @@ def versions() -> dict[str, str]:
 
 
 def quantize(recipe: Recipe, *, progress: bool = True) -> RunReport:
-    """Plan (all checks before any work), then quantize block by block on Ray, publish,
-    and write the recipe's exports from the published artifact."""
+    """Plan (all checks before any work), then quantize block by block on Ray (resuming
+    what an earlier attempt of the same recipe on the same output finished), publish, and
+    write the recipe's exports from the published artifact."""
     configure(recipe.storage)
     plan = make_plan(recipe)
     ray = cluster.connect(recipe.resources)
     run_id = claim(open_location(plan.output_uri), recipe_hash=recipe.hash(), fingerprint=plan.fingerprint)
-    runners = cluster.start_runners(ray, recipe.resources, model_uri=plan.source_uri, layout=plan.layout)
-    run = Run(plan, ray, runners, run_id)
+    pool = cluster.start_runners(ray, recipe.resources, model_uri=plan.source_uri, layout=plan.layout)
     try:
-        run.begin()
-        if plan.needs_calibration:
-            run.set_inputs()
-        bar = tqdm(plan.blocks, desc="quantize", unit="block", disable=not progress)
-        for block in bar:
-            run.block(block)
-            bar.set_postfix_str(f"block {block.index} written")
-        bar.close()
-        run.finish()
+        run = Run(plan, pool, run_id, progress=progress)
+        try:
+            run.execute()
+        except Exception as e:
+            run.events.emit("error", error=f"{type(e).__name__}: {e}")
+            raise
     finally:
-        for r in runners:
-            ray.kill(r)
+        pool.release()
     for target in recipe.export:
         run.report.exports.append(export(plan.output_uri, target.format, target.output, progress=progress).output)
     return run.report

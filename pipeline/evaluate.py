@@ -34,7 +34,8 @@ def evaluate(model_uri: str, data: EvalData, resources: Resources, *, progress: 
     stream = token_stream(uri=data.source, pattern=data.glob, tokenizer=tokenizer, needed=data.tokens, what="eval")
     windows = sequences(stream, count=data.windows, length=data.window)  # [windows, window]
     ray = cluster.connect(resources)
-    runners = cluster.start_runners(ray, resources, model_uri=checkpoint.uri, layout=layout)
+    pool = cluster.start_runners(ray, resources, model_uri=checkpoint.uri, layout=layout)
+    runners = pool.runners
     try:
         shares = cluster.split(len(windows), len(runners))
         inputs = [{w: windows[w : w + 1] for w in share} for share in shares]
@@ -44,8 +45,7 @@ def evaluate(model_uri: str, data: EvalData, resources: Resources, *, progress: 
             cluster.get(ray, [r.load_block.remote(i) for r in runners] + [r.forward.remote() for r in runners])
         scores = {w: s for part in cluster.get(ray, [r.score.remote() for r in runners]) for w, s in part.items()}
     finally:
-        for r in runners:
-            ray.kill(r)
+        pool.release()
     nll = sum(scores[w][0] for w in sorted(scores))
     count = sum(scores[w][1] for w in sorted(scores))
     return EvalReport(

@@ -32,6 +32,29 @@ class LinearPlan:
         """GPTQ's work grows as in^2 * (in + out): Cholesky plus the column sweep."""
         return self.in_features**2 * (self.in_features + self.out_features)
 
+    def pieces(self, rows: int) -> list[SolveTask]:
+        """Row ranges of at most `rows` rows (0: the whole linear), each solved on its own."""
+        step = rows or self.out_features
+        return [
+            SolveTask(self.name, first, min(first + step, self.out_features), self.in_features)
+            for first in range(0, self.out_features, step)
+        ]
+
+
+@dataclass(frozen=True)
+class SolveTask:
+    """Rows first..last-1 of one linear: the unit the driver spreads over workers."""
+
+    linear: str
+    first: int
+    last: int
+    in_features: int
+
+    @property
+    def cost(self) -> int:
+        """Factorizing the Hessian (in^3, repeated by every piece) plus the sweep (rows * in^2)."""
+        return self.in_features**2 * (self.in_features + self.last - self.first)
+
 
 @dataclass(frozen=True)
 class BlockPlan:
@@ -150,6 +173,12 @@ def _calibration(recipe: Recipe) -> np.ndarray | None:
 
 def make_plan(recipe: Recipe) -> Plan:
     """Check the source, the scheme against every layer, the output and the calibration data."""
+    fp = recipe.calibration is not None and recipe.calibration.propagation == "fp"
+    if fp and recipe.scheme.true_sequential:
+        raise LaminaError(
+            "scheme.true_sequential needs each stage's inputs from the quantized stages before it; "
+            "it cannot be combined with calibration.propagation: fp"
+        )
     source = open_checkpoint(recipe.model)
     layout = layout_for(source.config)
     n_blocks = source.config.get("num_hidden_layers")

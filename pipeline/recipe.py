@@ -32,6 +32,11 @@ class Calibration(TextData):
     samples: int = Field(64, ge=1)
     seq_len: int = Field(512, ge=16, le=65536)
     chunk_size: int = Field(8, ge=1, description="sequences per chunk, the unit of data parallelism")
+    propagation: Literal["quantized", "fp"] = Field(
+        "quantized",
+        description="inputs of block i+1: the outputs of quantized block i (sequential), or of the "
+        "unquantized model (fp: every block's Hessians in one pass, then all blocks solved at once)",
+    )
 
     @property
     def tokens(self) -> int:
@@ -68,6 +73,12 @@ class Scheme(Strict):
         "precision, or (when only the group size does not divide it) give them a narrower last group",
     )
     mse: bool = Field(False, description="choose each group's grid by a clipping search (least |w - q(w)|^2.4)")
+    solve_rows: int = Field(
+        8192,
+        ge=0,
+        description="rows per solve task: larger linears are split into row ranges that workers solve in "
+        "parallel (each repeats the Hessian factorization); 0: never split",
+    )
     true_sequential: bool = Field(
         False,
         description="GPTQ: quantize a block's linears in order (q/k/v, o, gate/up, down), each calibrated "
@@ -99,9 +110,28 @@ class Scheme(Strict):
 
 
 class Resources(Strict):
+    """What each worker reserves on the Ray cluster. None of it changes the artifact's bytes
+    (on the same device type): results are a function of the recipe, not of the cluster."""
+
     workers: int = Field(2, ge=1)
-    cpus_per_worker: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0, description="Ray CPUs; torch uses max(1, floor) threads")
+    gpus_per_worker: float = Field(0, ge=0, description="Ray GPUs (num_gpus)")
+    memory_per_worker_gib: float | None = Field(None, gt=0, description="Ray memory reservation")
+    custom: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per worker")
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = Field(
+        "pack", description="placement group strategy keeping the run's workers together"
+    )
+    max_retries: int = Field(3, ge=0, description="times one block is redone after losing workers")
     ray_address: str | None = None
+
+    def bundle(self) -> dict[str, float]:
+        """One worker's resource request, as a placement group bundle."""
+        bundle = {"CPU": self.cpus_per_worker, **self.custom}
+        if self.gpus_per_worker:
+            bundle["GPU"] = self.gpus_per_worker
+        if self.memory_per_worker_gib:
+            bundle["memory"] = self.memory_per_worker_gib * 2**30
+        return bundle
 
 
 class Export(Strict):

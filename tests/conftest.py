@@ -140,6 +140,28 @@ def ray_cluster(s3_endpoint):
     shutil.rmtree(_RAY_TMP, ignore_errors=True)
 
 
+SMALL_BLOCKS = 4
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory) -> Path:
+    """The fixture model cut to its first SMALL_BLOCKS blocks: the distributed machinery
+    (worker counts, resume, lost nodes, job submission) runs on it in seconds."""
+    from scripts.resize_model import resize_model
+
+    return resize_model(MODEL, tmp_path_factory.mktemp("small-model"), SMALL_BLOCKS)
+
+
+def small_recipe_doc(tmp: Path, model: Path, **overrides: dict) -> dict:
+    """A quick recipe for the small model: 8 calibration sequences of 128 tokens in 8 chunks
+    (so that 1, 2 and 3 workers own different shares), 4-bit g64 GPTQ."""
+    doc = recipe_doc(tmp, model=str(model), calibration={"samples": 8, "seq_len": 128, "chunk_size": 1})
+    doc.pop("eval")
+    for key, value in overrides.items():
+        doc[key] = {**doc[key], **value} if isinstance(value, dict) and isinstance(doc.get(key), dict) else value
+    return doc
+
+
 def recipe_doc(tmp: Path, **overrides: dict) -> dict:
     """The reference-protocol recipe of shared/FIXTURES.md, writing under tmp."""
     doc = {

@@ -113,7 +113,7 @@ def real_block(model_dir, docs_dir):
         runner.load_block(i)
         runner.forward()
     runner.load_block(3)
-    return runner, runner.calibrate()[0]
+    return runner, runner.calibrate(1)[0][2]
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def down_proj_11(model_dir, docs_dir):
         runner.load_block(i)
         runner.forward()
     runner.load_block(11)
-    H = torch.from_numpy(runner.calibrate(["mlp.down_proj"])[0]["mlp.down_proj"]) / (16 * 256)
+    H = torch.from_numpy(runner.calibrate(1, ["mlp.down_proj"])[0][2]["mlp.down_proj"]) / (16 * 256)
     return runner.layer.mlp.down_proj.weight.detach(), H
 
 

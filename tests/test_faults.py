@@ -144,9 +144,12 @@ def test_a_worker_that_cannot_reach_storage_is_one_clear_line(ray_cluster, tmp_p
     from storage.checkpoint import Checkpoint
 
     layout = layout_for(Checkpoint(str(model_dir)).config)
-    runners = cluster.start_runners(ray_cluster, Resources(workers=1), model_uri=str(tmp_path / "gone"), layout=layout)
-    with pytest.raises(StorageError, match=r"^a worker could not start: model source not found: .*gone$"):
-        cluster.get(ray_cluster, runners[0].forward.remote())
+    pool = cluster.start_runners(ray_cluster, Resources(workers=1), model_uri=str(tmp_path / "gone"), layout=layout)
+    try:
+        with pytest.raises(StorageError, match=r"^a worker could not start: model source not found: .*gone$"):
+            cluster.get(ray_cluster, pool.runners[0].forward.remote())
+    finally:
+        pool.release()
 
 
 def test_large_range_reads_come_in_parts_and_retry_only_the_parts_that_failed(store: str, monkeypatch) -> None:

@@ -7,8 +7,8 @@ from typing import Any
 from workers.block import BlockRunner
 
 
-def block_actor(*, num_cpus: int) -> Any:
-    """The BlockRunner class as a Ray actor class reserving `num_cpus` CPUs."""
+def block_actor() -> Any:
+    """The BlockRunner class as a Ray actor class; callers set its resources with .options()."""
     import ray
 
-    return ray.remote(num_cpus=num_cpus)(BlockRunner)
+    return ray.remote(BlockRunner)

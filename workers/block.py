@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -19,12 +22,16 @@ from algorithms import QUANTIZERS, GPTQConfig, QuantizedWeight, UniformScheme
 from algorithms.hessian import input_gram
 from kernels import QuantLinear
 from storage.checkpoint import Checkpoint
+from storage.fs import open_location
 from storage.options import configure
+from storage.safetensors_io import read_header, read_tensors
 from storage.writer import FileRecord, put_tensors
+from workers.chunk_sum import Node, fold, push
 from workers.layout import BlockLayout
 
 log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
+Piece = tuple[str, int, Arrays]  # (linear, first row, its quantized tensors for rows first..)
 
 
 def model_config(raw: dict) -> PretrainedConfig:
@@ -44,6 +51,40 @@ def from_arrays(arrays: Arrays, *, bits: int, group_size: int) -> QuantizedWeigh
     return QuantizedWeight.from_tensors(
         {k: torch.from_numpy(v) for k, v in arrays.items()}, bits=bits, group_size=group_size
     )
+
+
+@dataclass(frozen=True)
+class StagedBlocks:
+    """The run's finished blocks 0..len(shards)-1: shard files in the staging folder `uri`,
+    quantized linears on the recipe's grid."""
+
+    uri: str
+    shards: tuple[str, ...]
+    bits: int
+    group_size: int
+
+    @property
+    def blocks(self) -> int:
+        return len(self.shards)
+
+
+def join_rows(solved: tuple[list[Piece], ...]) -> dict[str, Arrays]:
+    """Whole linears from row pieces solved anywhere: rows in order, g_idx (a function of
+    the Hessian alone) the same in every piece."""
+    by_linear: dict[str, list[tuple[int, Arrays]]] = {}
+    for part in solved:
+        for linear, first, arrays in part:
+            by_linear.setdefault(linear, []).append((first, arrays))
+    out = {}
+    for linear, pieces in sorted(by_linear.items()):
+        pieces.sort(key=lambda p: p[0])
+        joined = {k: np.concatenate([a[k] for _, a in pieces]) for k in ("qweight", "scales", "qzeros")}
+        if "g_idx" in pieces[0][1]:
+            joined["g_idx"] = pieces[0][1]["g_idx"]
+            if any(not np.array_equal(a["g_idx"], joined["g_idx"]) for _, a in pieces):
+                raise RuntimeError(f"{linear}: row pieces disagree on g_idx")
+        out[linear] = joined
+    return out
 
 
 class _StopForwardError(Exception):
@@ -66,16 +107,56 @@ class BlockRunner:
         self.stored_bits, self.stored_group = qc.get("bits", 0), qc.get("group_size", 0)
         self.tokens: dict[int, np.ndarray] = {}  # chunk id -> token ids [seqs, T]
         self.hidden: dict[int, torch.Tensor] = {}  # chunk id -> [seqs, T, hidden]
+        self.at = 0  # the block whose inputs `hidden` holds
         self.layer: nn.Module | None = None
         self.raw: dict[str, torch.Tensor] = {}  # the loaded block's stored tensors, by local name
         self.index = -1
 
     # ---- inputs -------------------------------------------------------------------
-    def set_inputs(self, tokens: dict[int, np.ndarray]) -> int:
-        """Embed token ids [seqs, T] per chunk; returns the number of chunks held."""
+    @staticmethod
+    def whoami() -> str:
+        """host:pid, and the Ray node when run as an actor: how events name this worker."""
+        name = f"{socket.gethostname()}:{os.getpid()}"
+        with contextlib.suppress(ImportError, AttributeError, RuntimeError):
+            import ray
+
+            if ray.is_initialized():
+                name += f"@{ray.get_runtime_context().get_node_id()[:8]}"
+        return name
+
+    def state(self) -> tuple[int, list[int]]:
+        """(the block whose inputs this runner holds, its chunk ids)."""
+        return self.at, sorted(self.hidden)
+
+    def set_inputs(self, tokens: dict[int, np.ndarray], staged: StagedBlocks | None = None) -> int:
+        """Hold exactly these chunks (token ids [seqs, T] each): see add_inputs."""
+        self.tokens, self.hidden, self.at = {}, {}, 0
+        return self.add_inputs(tokens, staged)
+
+    @torch.inference_mode()
+    def add_inputs(self, tokens: dict[int, np.ndarray], staged: StagedBlocks | None = None) -> int:
+        """Take on more chunks: embed them and, when blocks are already quantized
+        (`staged`: a resumed run, or chunks moved from a lost worker), run them through
+        those blocks as stored, which gives the same hidden states the run itself
+        propagated. Returns the number of chunks held; the loaded block is gone after a
+        catch-up (load the next one)."""
         embed = self.checkpoint.read([self.layout.embed])[self.layout.embed].float()  # [vocab, hidden]
-        self.tokens = dict(sorted(tokens.items()))
-        self.hidden = {c: nn.functional.embedding(torch.from_numpy(t).long(), embed) for c, t in sorted(tokens.items())}
+        fresh = {c: nn.functional.embedding(torch.from_numpy(t).long(), embed) for c, t in sorted(tokens.items())}
+        blocks = staged.blocks if staged else 0
+        if self.hidden and blocks != self.at:
+            raise RuntimeError(f"runner holds inputs of block {self.at}; cannot add chunks at block {blocks}")
+        if staged:
+            location = open_location(staged.uri)
+            for i, file in enumerate(staged.shards):
+                header = read_header(location, file)
+                prefix = self.layout.block(i)
+                tensors = read_tensors(location, header, sorted(header.entries))
+                self._build(i, {n[len(prefix) :]: t for n, t in tensors.items()}, staged.bits, staged.group_size)
+                fresh = {c: self._run(h) for c, h in fresh.items()}
+            self.layer, self.raw, self.index = None, {}, -1
+        self.tokens.update(tokens)
+        self.hidden.update(fresh)
+        self.tokens, self.hidden, self.at = dict(sorted(self.tokens.items())), dict(sorted(self.hidden.items())), blocks
         return len(self.hidden)
 
     # ---- one block ----------------------------------------------------------------
@@ -85,26 +166,32 @@ class BlockRunner:
         names = self.checkpoint.names(prefix)
         if not names:
             raise ValueError(f"{self.checkpoint.uri}: no tensors for block {index} ({prefix}*)")
-        self.raw = {n[len(prefix) :]: t for n, t in self.checkpoint.read(names).items()}
+        raw = {n[len(prefix) :]: t for n, t in self.checkpoint.read(names).items()}
+        self._build(index, raw, self.stored_bits, self.stored_group)
+        return self.checkpoint.bytes_of(names)
+
+    def _build(self, index: int, raw: dict[str, torch.Tensor], bits: int, group_size: int) -> None:
+        """Block `index` from its stored tensors by local name; quantized linears (those
+        stored as qweight) dequantized once, as QuantLinear's reference path would."""
+        self.raw = raw
         with torch.device("meta"):
             layer = getattr(self.modeling, self.layout.layer_class)(self.config, index)
         layer = layer.to_empty(device="cpu")
         quantized = [linear for linear in self.layout.linears if f"{linear}.qweight" in self.raw]
         for linear in quantized:
-            self._swap(layer, linear, self._stored_quantized(linear))
+            self._swap(layer, linear, self._stored_quantized(linear, bits, group_size))
         layer.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in self.raw.items()}, strict=True)
         for linear in quantized:  # QuantLinear's CPU reference path dequantizes: once per block, not per chunk
             self._swap(layer, linear, layer.get_submodule(linear).dense())
         self.layer, self.index = layer.eval(), index
-        return self.checkpoint.bytes_of(names)
 
-    def _stored_quantized(self, linear: str) -> QuantLinear:
+    def _stored_quantized(self, linear: str, bits: int, group_size: int) -> QuantLinear:
         parts = {
             s: self.raw[f"{linear}.{s}"]
             for s in ("qweight", "scales", "qzeros", "g_idx")
             if f"{linear}.{s}" in self.raw
         }
-        qw = QuantizedWeight.from_tensors(parts, bits=self.stored_bits, group_size=self.stored_group)
+        qw = QuantizedWeight.from_tensors(parts, bits=bits, group_size=group_size)
         return QuantLinear(qw, self.raw.get(f"{linear}.bias"))
 
     @staticmethod
@@ -120,10 +207,12 @@ class BlockRunner:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.inference_mode()
-    def calibrate(self, groups: list[str] | None = None) -> dict[int, Arrays]:
-        """Per chunk, the sum of x x^T of the inputs of each linear group (all, or those
-        named by their first linear): {chunk: {group: H}}. The forward of a chunk stops
-        once the last wanted input is seen: the rest of the block is not needed here."""
+    def calibrate(self, total: int, groups: list[str] | None = None) -> list[Node]:
+        """The sums of x x^T of the inputs of each linear group (all, or those named by
+        their first linear) over this runner's chunks, folded into whole subtrees of the
+        fixed tree over all `total` chunks (see workers.chunk_sum): [(first chunk, span,
+        {group: H})]. The forward of a chunk stops once the last wanted input is seen:
+        the rest of the block is not needed here."""
         captured: dict[str, torch.Tensor] = {}
         names = [group[0] for group in self.layout.groups] if groups is None else groups
 
@@ -139,59 +228,70 @@ class BlockRunner:
             for name in names
         ]
         try:
-            result = {}
+            stack: list[Node] = []
             for chunk, hidden in self.hidden.items():
                 with contextlib.suppress(_StopForwardError):
                     self._run(hidden)
                 if missing := sorted(set(names) - set(captured)):
                     raise RuntimeError(f"block {self.index}: the forward never reached {', '.join(missing)}")
-                result[chunk] = {name: h.numpy() for name, h in captured.items()}
+                push(stack, (chunk, 1, {name: h.numpy() for name, h in captured.items()}), total)
                 captured.clear()
-            return result
+            return stack
         finally:
             for hook in hooks:
                 hook.remove()
 
+    def reduce(self, total: int, *parts: list[Node]) -> Arrays:
+        """The Hessians of the whole calibration set: every runner's subtrees folded in
+        chunk order (runners may hold chunks that are not contiguous after a recovery)."""
+        return fold(sorted((node for part in parts for node in part), key=lambda n: n[0]), total)
+
     @torch.inference_mode()
     def solve(
         self,
-        linears: list[str],
+        block: int,
+        tasks: list[tuple[str, int, int]],
         hessians: Arrays | None,
         *,
         tokens: int,
         algorithm: str,
         scheme: UniformScheme,
         options: GPTQConfig,
-    ) -> dict[str, Arrays]:
-        """Quantize the named linears of the loaded block; H is normalised by the token count."""
-        out = {}
-        for linear in linears:
-            W = self.layer.get_submodule(linear).weight.detach()  # [out, in]
+    ) -> list[Piece]:
+        """Quantize rows first..last-1 of each named linear of the loaded block (rows are
+        independent given H, which is normalised by the token count)."""
+        if block != self.index:
+            raise RuntimeError(f"asked to solve block {block}, but block {self.index} is loaded")
+        out = []
+        for linear, first, last in tasks:
+            W = self.layer.get_submodule(linear).weight.detach()[first:last]  # [rows, in]
             H = None if hessians is None else torch.from_numpy(hessians[self.layout.group_of(linear)]) / tokens
-            out[linear] = to_arrays(QUANTIZERS[algorithm](W, H, scheme, options))
-            log.debug("block %d %s quantized", self.index, linear)
+            out.append((linear, first, to_arrays(QUANTIZERS[algorithm](W, H, scheme, options))))
+            log.debug("block %d %s rows %d:%d quantized", self.index, linear, first, last)
         return out
 
-    def install(self, scheme: UniformScheme, *solved: dict[str, Arrays]) -> None:
+    def install(self, scheme: UniformScheme, *solved: list[Piece]) -> None:
         """Replace the block's linears by the solved weights, dequantized once: the block
         runs every chunk through them, and the same matmul as QuantLinear's reference
         path (dequantize, then linear) gives the same outputs without repeating the
         dequantization per chunk."""
-        for part in solved:
-            for linear, arrays in part.items():
-                bias = self.layer.get_submodule(linear).bias
-                qw = from_arrays(arrays, bits=scheme.bits, group_size=scheme.group_size)
-                self._swap(self.layer, linear, QuantLinear(qw, bias).dense())
+        for linear, arrays in join_rows(solved).items():
+            bias = self.layer.get_submodule(linear).bias
+            qw = from_arrays(arrays, bits=scheme.bits, group_size=scheme.group_size)
+            self._swap(self.layer, linear, QuantLinear(qw, bias).dense())
 
     @torch.inference_mode()
     def forward(self) -> None:
         """Run every chunk through the loaded block: its outputs become the next inputs."""
+        if self.at != self.index:
+            raise RuntimeError(f"runner holds inputs of block {self.at}, not of the loaded block {self.index}")
         self.hidden = {c: self._run(h) for c, h in self.hidden.items()}
+        self.at = self.index + 1
 
-    def write_block(self, uri: str, file: str, *solved: dict[str, Arrays]) -> tuple[FileRecord, list[str]]:
+    def write_block(self, uri: str, file: str, *solved: list[Piece]) -> tuple[FileRecord, list[str]]:
         """Write the loaded block with its solved linears as one safetensors shard."""
         prefix = self.layout.block(self.index)
-        done = {linear: arrays for part in solved for linear, arrays in part.items()}
+        done = join_rows(solved)
         tensors = {prefix + name: t for name, t in self.raw.items() if name.rpartition(".")[0] not in done}
         for linear, arrays in done.items():
             tensors.update({f"{prefix}{linear}.{k}": torch.from_numpy(v) for k, v in arrays.items()})

@@ -1,0 +1,195 @@
+"""`ray job submit --working-dir . -- lamina quantize recipe.yaml`, as the README shows it,
+against a Ray head this test starts with `ray start --head --block` (its own ports, its own
+temp folder, on loopback) and stops by terminating that process: never `ray stop`, which
+would kill every Ray on the machine, the session's in-process cluster included."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from storage.manifest import read_manifest, verify
+from tests.conftest import ROOT, SMALL_BLOCKS, small_recipe_doc
+
+BIN = Path(sys.executable).parent  # the venv's bin: `ray` and `lamina`
+START_TIMEOUT_S = 90
+JOB_TIMEOUT_S = 300
+
+
+@dataclass
+class Head:
+    dashboard: str  # http://127.0.0.1:PORT, the job server
+    temp: Path  # the head's RAY_TMPDIR
+    env: dict[str, str]  # the environment it was started with; CLI calls use it too
+    auth: dict[str, str]  # the HTTP header carrying its token, for in-process clients
+    log: Path  # the `ray start` output
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free on loopback now (all held open until all are chosen)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def ray_env(temp: Path, token: str) -> dict[str, str]:
+    """The environment of the head and of the CLI calls: Ray 2.60 turns token auth on for a
+    head when ~/.ray/auth_token exists (an in-process `ray.init()` writes it) and the CLI
+    sends no token unless told, so the mode and a token of this head's own are explicit."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(
+        RAY_TMPDIR=str(temp),
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # bind to 127.0.0.1 (shared/VERIFIED.md)
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    return env
+
+
+def stop(proc: subprocess.Popen, log: Path) -> None:
+    """SIGTERM the `ray start --block` process (its handler stops the head's processes),
+    wait; SIGKILL its process group and any descendant left over as a last resort."""
+    import psutil
+
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    _, alive = psutil.wait_procs(family, timeout=15)
+    for p in alive:
+        with suppress(psutil.NoSuchProcess):
+            p.kill()
+    assert not alive, f"Ray processes outlived the head: {alive}\n{log.read_text()[-3000:]}"
+
+
+@pytest.fixture
+def ray_head() -> Iterator[Head]:
+    """A Ray head with a job server, on free loopback ports (the defaults, 6379, 8265,
+    10001, 52365, could belong to another cluster on this machine), in a fresh folder
+    under /tmp (short: Ray's socket paths live in it)."""
+    temp = Path(tempfile.mkdtemp(prefix="lamina-job-", dir="/tmp"))
+    gcs, dashboard, agent, client = free_ports(4)
+    token = secrets.token_hex(32)
+    env, auth = ray_env(temp, token), {"Authorization": f"Bearer {token}"}
+    log = temp / "ray-start.log"
+    cmd = [
+        str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
+        "--num-cpus=2", f"--object-store-memory={1 << 30}",
+        f"--port={gcs}", f"--ray-client-server-port={client}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+        f"--dashboard-agent-listen-port={agent}",
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(urllib.request.Request(f"{url}/api/version", headers=auth), timeout=2) as r:
+                    if r.status == 200 and "ray_version" in json.loads(r.read()):
+                        break
+            except urllib.error.HTTPError as e:
+                assert e.code not in (401, 403), f"the job server refused this head's token: {e}"
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no job server at {url} after {START_TIMEOUT_S} s:\n{log.read_text()}"
+            time.sleep(0.5)
+        yield Head(url, temp, env, auth, log)
+    finally:
+        try:
+            stop(proc, log)
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_quantizes_with_the_working_dir(ray_head, small_model, tmp_path) -> None:
+    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.util.state.api import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
+
+    output = tmp_path / "artifact"
+    doc = small_recipe_doc(tmp_path, small_model, output=str(output), resources={"workers": 2, "cpus_per_worker": 1})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(doc))
+    submission = f"lamina-test-{uuid.uuid4().hex[:8]}"
+
+    cmd = [
+        str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--submission-id", submission,
+        "--working-dir", ".", "--", "lamina", "-q", "quantize", str(recipe),
+    ]  # fmt: skip
+    job = subprocess.run(
+        cmd,
+        env=ray_head.env,
+        cwd=ROOT,  # `--working-dir .` from the repository root, as the README says
+        capture_output=True,
+        text=True,
+        timeout=JOB_TIMEOUT_S,
+    )
+    said = job.stdout + job.stderr
+    assert job.returncode == 0, f"{said}\n--- head:\n{ray_head.log.read_text()[-3000:]}"
+    assert f"Job '{submission}' succeeded" in said
+    assert "lamina quantize: done" in said
+
+    # The job server agrees, and the run's workers were actors of this job on this head
+    # (the driver connected through the RAY_ADDRESS Ray sets for a job, not to another cluster).
+    client = JobSubmissionClient(ray_head.dashboard, headers=ray_head.auth)
+    assert client.get_job_status(submission) == JobStatus.SUCCEEDED
+    assert "lamina quantize: done" in client.get_job_logs(submission)
+    info = client.get_job_info(submission)
+    package = info.runtime_env["working_dir"]
+    assert re.fullmatch(r"gcs://_ray_pkg_[0-9a-f]+\.zip", package), package
+    state = StateApiClient(ray_head.dashboard, headers={**ray_head.auth, "Content-Type": "application/json"})
+    runners = state.list(
+        StateResource.ACTORS,
+        options=ListApiOptions(filters=[("class_name", "=", "BlockRunner")], limit=100),
+        raise_on_missing_output=True,
+    )
+    assert len(runners) == 2 and {a.job_id for a in runners} == {info.job_id}, runners
+
+    # What was uploaded (~300 KiB): the sources, without the 1.7 GB .venv and .git (Ray's
+    # default excludes) nor the 0.5 GB .cache and the egg-info (.gitignore, which Ray honours).
+    # The job's driver and workers import lamina from it: Ray puts it first on PYTHONPATH,
+    # ahead of the editable install's finder.
+    unpacked = ray_head.temp / "ray" / "session_latest" / "runtime_resources" / "working_dir_files"
+    unpacked /= package.removeprefix("gcs://").removesuffix(".zip")
+    files = [p for p in unpacked.rglob("*") if p.is_file()]
+    names = {p.relative_to(unpacked).parts[0] for p in files}
+    assert {"pipeline", "workers", "storage", "pyproject.toml"} <= names, names
+    assert not names & {".venv", ".cache", ".git", "lamina.egg-info"}, names
+    assert sum(p.stat().st_size for p in files) < 10 << 20
+
+    # The artifact is published and verifies.
+    assert verify(str(output)) == []
+    shards = [n for n in read_manifest(str(output))["files"] if n.endswith(".safetensors")]
+    assert len(shards) == SMALL_BLOCKS + 1, shards
