@@ -18,8 +18,10 @@ the surviving workers. Both give the bytes of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
+import resource
 import time
 from dataclasses import dataclass, field, replace
 
@@ -33,7 +35,7 @@ from pipeline.plan import BlockPlan, Plan, SolveTask, make_plan
 from pipeline.recipe import Recipe
 from storage import journal
 from storage.checkpoint import read_json
-from storage.fs import open_location
+from storage.fs import StorageError, open_location
 from storage.options import configure
 from storage.staging import claim, publish, staging
 from storage.writer import FileRecord, put_bytes, put_json
@@ -59,6 +61,8 @@ class RunReport:
     retries: int = 0  # blocks redone after losing workers
     workers: int = 0  # at the start
     events: str = ""  # URI of the run's event log, published with the artifact
+    driver_peak_rss: int = 0  # bytes
+    worker_peak_rss: list[int] = field(default_factory=list)  # bytes, the workers alive at the end
 
 
 @dataclass(frozen=True)
@@ -381,7 +385,14 @@ class Run:
             records.append(put_bytes(stage, name, source.read_bytes(name)))
         for r in records:
             self.report.files[r.name] = r
-        self.events.emit("run_finished", seconds={k: round(v, 3) for k, v in self.report.seconds.items()})
+        self.report.worker_peak_rss = cluster.get(self.ray, [r.peak_rss.remote() for r in self.runners])
+        self.report.driver_peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.events.emit(
+            "run_finished",
+            seconds={k: round(v, 3) for k, v in self.report.seconds.items()},
+            driver_peak_rss=self.report.driver_peak_rss,
+            worker_peak_rss=dict(zip([w.name for w in self.workers], self.report.worker_peak_rss, strict=True)),
+        )
         events = self.events.location.read_bytes(journal.EVENTS)
         self.report.files[EVENTS] = put_bytes(stage, EVENTS, events)  # published beside the weights
         self.report.artifact_bytes = sum(r.size for r in self.report.files.values())
@@ -426,14 +437,15 @@ def quantize(recipe: Recipe, *, progress: bool = True) -> RunReport:
     configure(recipe.storage)
     plan = make_plan(recipe)
     ray = cluster.connect(recipe.resources)
-    run_id = claim(open_location(plan.output_uri), recipe_hash=recipe.hash(), fingerprint=plan.fingerprint)
     pool = cluster.start_runners(ray, recipe.resources, model_uri=plan.source_uri, layout=plan.layout)
     try:
+        run_id = claim(open_location(plan.output_uri), recipe_hash=recipe.hash(), fingerprint=plan.fingerprint)
         run = Run(plan, pool, run_id, progress=progress)
         try:
             run.execute()
         except Exception as e:
-            run.events.emit("error", error=f"{type(e).__name__}: {e}")
+            with contextlib.suppress(StorageError):  # the store may be what failed: keep the first error
+                run.events.emit("error", error=f"{type(e).__name__}: {e}")
             raise
     finally:
         pool.release()

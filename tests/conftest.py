@@ -152,14 +152,31 @@ def small_model(tmp_path_factory) -> Path:
     return resize_model(MODEL, tmp_path_factory.mktemp("small-model"), SMALL_BLOCKS)
 
 
-def small_recipe_doc(tmp: Path, model: Path, **overrides: dict) -> dict:
+def small_recipe_doc(tmp: Path, small: Path, **overrides: dict) -> dict:
     """A quick recipe for the small model: 8 calibration sequences of 128 tokens in 8 chunks
-    (so that 1, 2 and 3 workers own different shares), 4-bit g64 GPTQ."""
-    doc = recipe_doc(tmp, model=str(model), calibration={"samples": 8, "seq_len": 128, "chunk_size": 1})
+    (so that 1, 2 and 3 workers own different shares), 4-bit g64 GPTQ, the 1536-row
+    gate/up projections solved as 3 row ranges each."""
+    doc = recipe_doc(
+        tmp,
+        model=str(small),
+        calibration={"samples": 8, "seq_len": 128, "chunk_size": 1},
+        scheme={"solve_rows": 512},
+    )
     doc.pop("eval")
     for key, value in overrides.items():
         doc[key] = {**doc[key], **value} if isinstance(value, dict) and isinstance(doc.get(key), dict) else value
     return doc
+
+
+@pytest.fixture(scope="session")
+def small_reference(tmp_path_factory, ray_cluster, small_model):
+    """The small recipe on one worker: what every other worker count, store and failure
+    must reproduce byte for byte."""
+    from pipeline.driver import quantize
+    from pipeline.recipe import parse
+
+    doc = small_recipe_doc(tmp_path_factory.mktemp("small-reference"), small_model, resources={"workers": 1})
+    return quantize(parse(doc), progress=False)
 
 
 def recipe_doc(tmp: Path, **overrides: dict) -> dict:

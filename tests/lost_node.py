@@ -65,7 +65,6 @@ def main() -> None:
             "workers_lost": report.workers_lost,
             "retries": report.retries,
             "removed": "at" in removed,
-            "nodes_alive": sum(1 for n in ray.nodes() if n["Alive"]),
         }
     finally:
         ray.shutdown()

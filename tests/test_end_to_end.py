@@ -26,12 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def protocol_runs(tmp_path_factory, ray_cluster):
-    """GPTQ and RTN artifacts of the reference scheme, and the perplexities of both and the source."""
+    """4-bit and 3-bit GPTQ artifacts of the reference scheme, and their and the source's
+    perplexities. (RTN end to end is the `partial` artifact of test_export.py, whose
+    perplexity is checked there; GPTQ against RTN layer by layer in test_algorithms.py.)"""
     tmp = tmp_path_factory.mktemp("protocol")
     gptq = parse(recipe_doc(tmp / "gptq"))
-    rtn = parse(recipe_doc(tmp / "rtn", scheme={"algorithm": "rtn"}))
     gptq3 = parse(recipe_doc(tmp / "gptq3", scheme={"bits": 3}))
-    runs = {name: quantize(recipe, progress=False) for name, recipe in (("gptq", gptq), ("rtn", rtn), ("gptq3", gptq3))}
+    runs = {name: quantize(recipe, progress=False) for name, recipe in (("gptq", gptq), ("gptq3", gptq3))}
     ppl = {
         name: evaluate(run.output, gptq.eval, gptq.resources, progress=False).perplexity for name, run in runs.items()
     }
@@ -69,27 +70,23 @@ def test_source_perplexity_matches_the_protocol(protocol_runs) -> None:
 
 def test_gptq_4bit_g64_sym_quality(protocol_runs) -> None:
     _, ppl = protocol_runs
-    assert ppl["gptq"] <= 14.4  # the issue's bar: an established open implementation measured 14.42
-    # RTN on GPTQ's grid measured 17.18 here (the protocol quotes 16.89 for an RTN whose
-    # grid it does not name); a broken grid or packing lands far outside this band
-    assert 15.5 < ppl["rtn"] < 18.5
-    assert ppl["rtn"] > ppl["gptq"] + 1.0
+    # an established open implementation measured 14.42 here; RTN on GPTQ's grid 17.18 (the
+    # protocol quotes 16.89 for an RTN whose grid it does not name)
+    assert ppl["gptq"] <= 14.4
 
 
 FLAKY = {"fail_rate": 0.05, "truncate_rate": 0.05, "seed": 7}  # of every storage call, in every process
 
 
 @pytest.fixture(scope="module")
-def small_runs(tmp_path_factory, ray_cluster, s3_endpoint, small_model):
-    """The same quick GPTQ recipe on the 4-block copy of the model with 2 workers on local
-    files, reading the source from and writing the artifact to S3 (loopback), and on a
-    store that fails and truncates a fraction of all calls. (1, 2 and 3 workers are
-    compared in test_distributed.py.)"""
+def small_runs(tmp_path_factory, ray_cluster, s3_endpoint, small_model, small_reference):
+    """The small recipe (4-block copy of the model) read from and written to S3 (loopback),
+    and on a store that fails and truncates a fraction of all calls, next to the same recipe
+    on local files (small_reference; worker counts are compared in test_distributed.py)."""
     tmp = tmp_path_factory.mktemp("small")
     s3_model, s3_registry = f"{s3_endpoint}/models/smollm2-135m", f"{s3_endpoint}/registry/smollm2-135m/w4g64"
     open_location(s3_model).fs.put(str(small_model) + "/", open_location(s3_model).root, recursive=True)
     docs = {
-        "w2": small_recipe_doc(tmp / "w2", small_model),
         "s3": small_recipe_doc(tmp / "s3", small_model, model=s3_model, output=s3_registry),
         "faulty": small_recipe_doc(
             tmp / "faulty",
@@ -99,7 +96,7 @@ def small_runs(tmp_path_factory, ray_cluster, s3_endpoint, small_model):
             storage={"faulty::file://": FLAKY},
         ),
     }
-    return {name: quantize(parse(doc), progress=False) for name, doc in docs.items()}
+    return {"local": small_reference, **{name: quantize(parse(doc), progress=False) for name, doc in docs.items()}}
 
 
 def shard_hashes(run) -> dict[str, str]:
@@ -112,9 +109,9 @@ def test_s3_source_and_registry_give_the_same_artifact(small_runs) -> None:
     assert verify(run.output) == []
     assert (
         read_manifest(run.output)["source"]["fingerprint"]
-        == read_manifest(small_runs["w2"].output)["source"]["fingerprint"]
+        == read_manifest(small_runs["local"].output)["source"]["fingerprint"]
     )
-    assert shard_hashes(run) == shard_hashes(small_runs["w2"])
+    assert shard_hashes(run) == shard_hashes(small_runs["local"])
 
 
 def test_registry_lists_the_published_version(small_runs, s3_endpoint, capsys) -> None:
@@ -139,6 +136,6 @@ def test_a_flaky_store_still_gives_the_same_verified_artifact(small_runs) -> Non
     injected = open_location(run.output).fs.injected  # this process's share: claim, journal, publish
     assert injected["failures"] > 0 and injected["truncations"] > 0
     assert verify(plain) == []
-    assert shard_hashes(run) == shard_hashes(small_runs["w2"])
+    assert shard_hashes(run) == shard_hashes(small_runs["local"])
     assert len(shard_hashes(run)) == SMALL_BLOCKS + 1
     assert not any(f.startswith(".lamina") for f in open_location(plain).list_files())

@@ -24,15 +24,16 @@ from pipeline.plan import make_plan
 from pipeline.recipe import parse
 from storage.fs import open_location
 from storage.manifest import MANIFEST, read_manifest, verify
-from tests.conftest import recipe_doc
+from tests.conftest import SMALL_BLOCKS, recipe_doc, small_recipe_doc
 
 SMALL = {"samples": 8, "seq_len": 128, "chunk_size": 2}
 KEPT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory, ray_cluster) -> dict[str, str]:
-    """Native artifacts of three schemes; the per-channel one names both exports in its recipe."""
+def artifacts(tmp_path_factory, ray_cluster, small_model) -> dict[str, str]:
+    """Native artifacts of five schemes (those whose perplexity is not checked on the
+    4-block copy of the model); the per-channel one names both exports in its recipe."""
     tmp = tmp_path_factory.mktemp("export")
     channel_exports = [
         {"format": "gptq", "output": str(tmp / "channel-gptq")},
@@ -40,9 +41,9 @@ def artifacts(tmp_path_factory, ray_cluster) -> dict[str, str]:
     ]
     docs = {
         # act-order with groups in solve order: g_idx stored
-        "g_idx": recipe_doc(tmp / "g_idx", calibration=SMALL),
+        "g_idx": small_recipe_doc(tmp / "g_idx", small_model),
         # asymmetric 3-bit, act-order with static groups: zero points, no g_idx
-        "asym3": recipe_doc(tmp / "asym3", calibration=SMALL, scheme={"bits": 3, "sym": False, "static_groups": True}),
+        "asym3": small_recipe_doc(tmp / "asym3", small_model, scheme={"bits": 3, "sym": False, "static_groups": True}),
         # group 128 does not divide the fixture's input size 576 (6 of a block's 7 linears):
         # a narrower last group for those, stored with g_idx...
         "partial": recipe_doc(tmp / "partial", scheme={"algorithm": "rtn", "group_size": 128, "unpackable": "partial"}),
@@ -54,7 +55,9 @@ def artifacts(tmp_path_factory, ray_cluster) -> dict[str, str]:
         ),
         # asymmetric 8-bit per-channel RTN, exported by the recipe
         "channel": {
-            **recipe_doc(tmp / "channel", scheme={"algorithm": "rtn", "bits": 8, "group_size": 0, "sym": False}),
+            **small_recipe_doc(
+                tmp / "channel", small_model, scheme={"algorithm": "rtn", "bits": 8, "group_size": 0, "sym": False}
+            ),
             "export": channel_exports,
         },
     }
@@ -129,8 +132,9 @@ def test_gptq_export_unpacks_to_our_weights(artifacts, tmp_path, name) -> None:
         g = g_idx.long().numpy()
         theirs = scales.float().numpy()[g] * (codes - zeros[g])  # [in, out]
         assert torch.equal(torch.from_numpy(theirs.T).float(), W), linear
-    kept = [f"model.layers.{i}.{lin}" for i in range(30) for lin in KEPT] if name == "kept" else []
-    assert len(ours) == 210 - len(kept)
+    blocks = 30 if name in ("partial", "kept") else SMALL_BLOCKS  # those two are on the whole model
+    kept = [f"model.layers.{i}.{lin}" for i in range(blocks) for lin in KEPT] if name == "kept" else []
+    assert len(ours) == 7 * blocks - len(kept)
     assert qc["dynamic"] == {f"-:^{re.escape(k)}$": {} for k in kept}  # GPTQModel's and vLLM's skip rule
     assert all(f"{k}.weight" in tensors and f"{k}.qweight" not in tensors for k in kept)
     assert verify(dest) == []
@@ -190,13 +194,13 @@ def test_export_configs_load_in_transformers(artifacts) -> None:
         CompressedTensorsConfig.from_dict(ct.quantization_config).quantization_config.config_groups["group_0"].weights
     )
     assert (weights.num_bits, weights.strategy, weights.symmetric) == (8, "channel", False)
-    assert gptq.num_hidden_layers == ct.num_hidden_layers == 30
+    assert gptq.num_hidden_layers == ct.num_hidden_layers == SMALL_BLOCKS
 
 
 def test_what_a_format_cannot_hold_is_refused_before_anything_is_written(artifacts, tmp_path) -> None:
     dest = tmp_path / "ct"
     with pytest.raises(
-        LaminaError, match=r"compressed-tensors cannot hold a g_idx \(act-order groups .*\), used by 210 linears"
+        LaminaError, match=r"compressed-tensors cannot hold a g_idx \(act-order groups .*\), used by 28 linears"
     ):
         export(artifacts["g_idx"], "compressed-tensors", str(dest), progress=False)
     assert not dest.exists()
@@ -227,7 +231,7 @@ def test_transformers_loads_the_compressed_tensors_export_to_our_weights(artifac
         open_location(dest).root, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32
     )
     ours = native_weights(artifacts["asym3"])
-    assert len(ours) == 210
+    assert len(ours) == 7 * SMALL_BLOCKS
     for linear, W in ours.items():
         loaded = model.get_submodule(linear)
         assert isinstance(loaded, torch.nn.Linear) and torch.equal(loaded.weight.detach(), W.half().float()), linear

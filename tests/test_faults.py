@@ -20,7 +20,7 @@ from storage.fs import open_location
 from storage.manifest import MANIFEST
 from storage.options import configure
 from storage.staging import CONTROL
-from tests.conftest import recipe_doc
+from tests.conftest import SMALL_BLOCKS, small_recipe_doc
 
 
 @pytest.fixture(autouse=True)
@@ -73,16 +73,16 @@ def test_missing_files_are_not_retried(tmp_path) -> None:
 
 
 def test_a_store_that_goes_away_fails_the_run_clearly_and_publishes_nothing(
-    tmp_path, ray_cluster, model_dir, capsys
+    tmp_path, ray_cluster, small_model, capsys
 ) -> None:
     output = tmp_path / "artifact"
-    # the driver's 12th storage call fails and so does every one after it: the claim and
-    # the first block go through, then the store is gone
-    doc = recipe_doc(
+    # the driver's 26th storage call fails and so does every one after it: the claim, the
+    # journal, the event log and the first block go through, then the store is gone
+    doc = small_recipe_doc(
         tmp_path,
-        calibration={"samples": 4, "seq_len": 64, "chunk_size": 2},
+        small_model,
         output=f"faulty::file://{output}",
-        storage={f"faulty::file://{output}": {"fail_after": 11}},
+        storage={f"faulty::file://{output}": {"fail_after": 25}},
     )
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(doc))
@@ -93,15 +93,15 @@ def test_a_store_that_goes_away_fails_the_run_clearly_and_publishes_nothing(
     left = sorted(p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file())
     assert MANIFEST not in left and not any(not f.startswith(CONTROL) for f in left)  # nothing published
     # the finished block is kept, and journaled with its hash for a resume
-    (shard,) = [f for f in left if f.startswith(f"{CONTROL}/staging/") and f.endswith("-00001-of-00031.safetensors")]
+    (shard,) = [f for f in left if f.startswith(f"{CONTROL}/staging/") and f.endswith("-00001-of-00005.safetensors")]
     (entry,) = [f for f in left if f.startswith(f"{CONTROL}/journal/") and f.endswith("block-00000.json")]
     journaled = json.loads((output / entry).read_text())
-    assert journaled["block"] == 0 and journaled["file"]["name"] == "model-00001-of-00031.safetensors"
+    assert journaled["block"] == 0 and journaled["file"]["name"] == "model-00001-of-00005.safetensors"
     assert journaled["file"]["sha256"] == hashlib.sha256((output / shard).read_bytes()).hexdigest()
     assert "model.layers.0.mlp.down_proj.qweight" in journaled["tensors"]
     done = sum(f.startswith(f"{CONTROL}/journal/") and f.endswith(".json") for f in left) - 1  # less run.json
     assert main(["status", str(output)]) == 0
-    assert f"not published; {done} of 30 blocks journaled" in capsys.readouterr().out
+    assert f"not published; {done} of {SMALL_BLOCKS} blocks journaled" in capsys.readouterr().out
 
 
 def test_recipe_refuses_literal_credentials() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import socket
 from dataclasses import dataclass
 
@@ -123,6 +124,11 @@ class BlockRunner:
             if ray.is_initialized():
                 name += f"@{ray.get_runtime_context().get_node_id()[:8]}"
         return name
+
+    @staticmethod
+    def peak_rss() -> int:
+        """This worker process's peak resident memory so far, in bytes (Linux ru_maxrss is KiB)."""
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
     def state(self) -> tuple[int, list[int]]:
         """(the block whose inputs this runner holds, its chunk ids)."""
