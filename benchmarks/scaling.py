@@ -25,12 +25,13 @@ FIXTURES = ROOT / ".cache" / "fixtures"
 PHASES = ("load", "calibrate", "solve", "write+propagate", "publish")
 
 ONE_RUN = """
-import json, resource, sys, time
+import json, sys, time
 from pipeline.driver import quantize
 from pipeline.recipe import parse
+from workers.block import peak_rss
 doc = json.loads(sys.argv[1])
 start = time.perf_counter()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+before = peak_rss()
 report = quantize(parse(doc), progress=False)
 print(json.dumps({"seconds": report.seconds, "total": time.perf_counter() - start, "blocks": report.blocks,
                   "driver_before": before, "driver_peak": report.driver_peak_rss,

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import platform
-import resource
 import time
 from dataclasses import dataclass, field, replace
 
@@ -39,7 +38,7 @@ from storage.fs import StorageError, open_location
 from storage.options import configure
 from storage.staging import claim, publish, staging
 from storage.writer import FileRecord, put_bytes, put_json
-from workers.block import StagedBlocks
+from workers.block import StagedBlocks, peak_rss
 
 log = logging.getLogger(__name__)
 PHASES = ("load", "calibrate", "solve", "write+propagate", "publish")
@@ -386,7 +385,7 @@ class Run:
         for r in records:
             self.report.files[r.name] = r
         self.report.worker_peak_rss = cluster.get(self.ray, [r.peak_rss.remote() for r in self.runners])
-        self.report.driver_peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        self.report.driver_peak_rss = peak_rss()
         self.events.emit(
             "run_finished",
             seconds={k: round(v, 3) for k, v in self.report.seconds.items()},

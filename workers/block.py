@@ -88,6 +88,16 @@ def join_rows(solved: tuple[list[Piece], ...]) -> dict[str, Arrays]:
     return out
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes: VmHWM, which starts afresh at exec
+    (ru_maxrss keeps the peak of the process that forked it), else ru_maxrss."""
+    with contextlib.suppress(OSError):
+        for line in open("/proc/self/status").read().splitlines():  # noqa: SIM115
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 class _StopForwardError(Exception):
     """Raised by calibration's input hooks once every wanted input has been seen."""
 
@@ -127,8 +137,7 @@ class BlockRunner:
 
     @staticmethod
     def peak_rss() -> int:
-        """This worker process's peak resident memory so far, in bytes (Linux ru_maxrss is KiB)."""
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return peak_rss()
 
     def state(self) -> tuple[int, list[int]]:
         """(the block whose inputs this runner holds, its chunk ids)."""
