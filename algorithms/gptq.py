@@ -78,7 +78,34 @@ def updated_columns(
     return torch.cat([W1[:, inside - i1], W[:, after] - pending], dim=1)
 
 
-def gptq(W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQConfig = GPTQConfig()) -> QuantizedWeight:
+@dataclass(frozen=True)
+class Prepared:
+    """What GPTQ derives from H alone, the same for every linear (and row range of one)
+    that reads the same inputs: the solve order, the columns no input reaches, and the
+    inverse Hessian's upper Cholesky factor in solve order."""
+
+    perm: torch.Tensor  # [in], stored column solved at each position
+    dead: torch.Tensor  # [in] bool, columns with zero input energy
+    Hinv: torch.Tensor  # [in, in], upper triangular
+
+
+def prepare(H: torch.Tensor, config: GPTQConfig = GPTQConfig()) -> Prepared:
+    """The O(in^3) part of GPTQ, computed once per Hessian (see gptq)."""
+    H = H.float().clone()  # [in, in]
+    n = len(H)
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if config.act_order else torch.arange(n)  # [in]
+    return Prepared(perm=perm, dead=dead, Hinv=inverse_cholesky(H[perm][:, perm], config.damp))
+
+
+def gptq(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    scheme: UniformScheme,
+    config: GPTQConfig = GPTQConfig(),
+    prepared: Prepared | None = None,
+) -> QuantizedWeight:
     """Quantize W [out, in] column by column, pushing each column's error onto the columns
     not yet quantized, weighted by the inverse Hessian H [in, in] of the layer's inputs.
 
@@ -86,20 +113,18 @@ def gptq(W: torch.Tensor, H: torch.Tensor, scheme: UniformScheme, config: GPTQCo
     group's columns as updated so far. With act_order, columns are solved by descending
     diag(H); groups are runs of that solve order (stored with g_idx) or, with
     static_groups, runs of stored columns, whose columns the solve reaches in any order.
-    With H = I no error is propagated and the result equals RTN.
+    With H = I no error is propagated and the result equals RTN. `prepared` is
+    prepare(H, config), when the caller shares it between the linears that read H.
     """
+    prepared = prepared or prepare(H, config)
     W = W.float().clone()  # [out, in]
     out, n = W.shape
     groups, width = scheme.groups(n), scheme.group_width(n)
-    H = H.float().clone()  # [in, in]
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    perm = torch.argsort(H.diagonal(), descending=True, stable=True) if config.act_order else torch.arange(n)  # [in]
+    perm, Hinv = prepared.perm, prepared.Hinv  # [in], [in, in]
+    W[:, prepared.dead] = 0
     static = config.act_order and config.static_groups
     stored = torch.argsort(perm)  # [in], solve position of each stored column
-    W, H = W[:, perm], H[perm][:, perm]
-    Hinv = inverse_cholesky(H, config.damp)  # [in, in], upper triangular
+    W = W[:, perm]
 
     codes = torch.zeros(out, n, dtype=torch.uint8)  # [out, in], solve order
     scales = torch.zeros(out, groups)  # [out, groups]

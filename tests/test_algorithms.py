@@ -254,3 +254,22 @@ def test_a_partial_last_group_is_stored_with_g_idx(act_order: bool) -> None:
     assert torch.allclose(qw.scales[:, 1].float(), 2 * W[:, 64:].abs().amax(dim=1) / 15, rtol=1e-3)
     same = gptq(W, torch.eye(96), scheme, GPTQConfig(act_order=act_order))
     assert torch.equal(dequantize(same), dequantize(qw)) and same.g_idx is not None
+
+
+def test_a_shared_prepared_hessian_gives_the_same_codes() -> None:
+    """q, k and v (and the row ranges of one linear) share prepare(H): the result must be
+    the bits of a solve that prepares H itself."""
+    from algorithms.gptq import prepare
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(512, 96, generator=g) * torch.linspace(0.1, 3, 96)  # [tokens, in]
+    X[:, 7] = 0  # a column no input reaches
+    H = X.T @ X
+    config = GPTQConfig(act_order=True)
+    shared = prepare(H, config)
+    for rows in (40, 64):
+        W = torch.randn(rows, 96, generator=g)
+        alone = gptq(W, H, UniformScheme(bits=4, group_size=32), config)
+        with_shared = gptq(W, H, UniformScheme(bits=4, group_size=32), config, shared)
+        for name, t in alone.tensors().items():
+            assert torch.equal(t, with_shared.tensors()[name]), name

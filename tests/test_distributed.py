@@ -151,8 +151,9 @@ def test_a_killed_driver_resumes_on_other_workers_to_the_same_artifact(runs, ray
     assert len(events[resumed_at]["workers"]) == 3
     redone = [e["block"] for e in events[resumed_at:] if e["event"] == "block_started"]
     assert redone == list(range(finished, SMALL_BLOCKS))  # blocks before the kill are not recomputed
-    done = sorted(e["block"] for e in events if e["event"] == "block_finished")
-    assert done == list(range(SMALL_BLOCKS))
+    # the kill may fall between a block's journal entry and its event: the journal decides
+    done = {e["block"] for e in events if e["event"] == "block_finished"} | set(events[resumed_at]["finished"])
+    assert sorted(done) == list(range(SMALL_BLOCKS))
 
 
 def test_losing_a_node_mid_block_costs_that_block_only(runs, small_model) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from algorithms import QUANTIZERS, GPTQConfig, QuantizedWeight, UniformScheme
+from algorithms import PREPARERS, QUANTIZERS, GPTQConfig, QuantizedWeight, UniformScheme
 from algorithms.hessian import input_gram
 from kernels import QuantLinear
 from storage.checkpoint import Checkpoint
@@ -278,10 +278,14 @@ class BlockRunner:
         if block != self.index:
             raise RuntimeError(f"asked to solve block {block}, but block {self.index} is loaded")
         out = []
-        for linear, first, last in tasks:
+        prepared: dict[str, object] = {}  # one Hessian's prepared solve at a time (70B: GBs each)
+        for linear, first, last in sorted(tasks, key=lambda t: (self.layout.group_of(t[0]), t)):
+            group = self.layout.group_of(linear)
             W = self.layer.get_submodule(linear).weight.detach()[first:last]  # [rows, in]
-            H = None if hessians is None else torch.from_numpy(hessians[self.layout.group_of(linear)]) / tokens
-            out.append((linear, first, to_arrays(QUANTIZERS[algorithm](W, H, scheme, options))))
+            H = None if hessians is None else torch.from_numpy(hessians[group]) / tokens
+            if H is not None and algorithm in PREPARERS and group not in prepared:
+                prepared = {group: PREPARERS[algorithm](H, options)}
+            out.append((linear, first, to_arrays(QUANTIZERS[algorithm](W, H, scheme, options, prepared.get(group)))))
             log.debug("block %d %s rows %d:%d quantized", self.index, linear, first, last)
         return out
 
