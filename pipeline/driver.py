@@ -204,7 +204,7 @@ class Run:
         if not alive:
             raise LaminaError(f"block {at}: every worker was lost ({error})")
         self.workers = alive
-        if not self.chunks:
+        if not self.chunks or self.fp:  # fp propagation restarts its pass from set_inputs(0)
             return
         kept = {w.name: set(states[w.name][1]) for w in alive if states[w.name][0] == at}
         orphans = sorted(set(range(self.chunks)) - set().union(*kept.values()))

@@ -45,12 +45,17 @@ def read(output: Location) -> tuple[dict, dict[int, dict]] | None:
     run_id = str(read_json(output, CLAIM).get("run_id", ""))
     entries = journal(output, run_id)
     about = read_json(entries, "run.json") if entries.exists("run.json") else {"run_id": run_id}
+    return about, block_entries(entries)
+
+
+def block_entries(entries: Location) -> dict[int, dict]:
+    """{block: entry} of the journal folder `entries`."""
     blocks = {}
     for name in entries.list_files():
         match = BLOCK_ENTRY.fullmatch(name)
         if match:
             blocks[int(match.group(1))] = read_json(entries, name)
-    return about, blocks
+    return blocks
 
 
 def finished(output: Location, run_id: str, stage: Location) -> dict[int, dict]:
@@ -61,14 +66,10 @@ def finished(output: Location, run_id: str, stage: Location) -> dict[int, dict]:
     if not entries.exists():
         return {}
     done = {}
-    for name in entries.list_files():
-        match = BLOCK_ENTRY.fullmatch(name)
-        if not match:
-            continue
-        entry = read_json(entries, name)
+    for block, entry in block_entries(entries).items():
         file = entry.get("file", {})
         if stage.exists(file.get("name", "")) and stage.size(file["name"]) == file.get("size"):
-            done[int(match.group(1))] = entry
+            done[block] = entry
     return done
 
 
