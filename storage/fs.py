@@ -16,6 +16,7 @@ import os
 import posixpath
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,32 @@ MAX_BACKOFF_SECONDS = 10.0
 CLIENT_LIBRARIES = ("botocore", "aiobotocore", "google.auth", "google.api_core")
 PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
+
+
+class LocalFiles(LocalFileSystem):
+    """fsspec's local filesystem with an atomic exclusive create. fsspec's own
+    `pipe_file(mode="create")` checks for the file and then writes it, so two publishers
+    racing for one manifest could both win. Here the bytes go to a temporary file that is
+    hard-linked to the name (the link fails if the name exists), so exactly one creator
+    wins and no reader sees a partly written file."""
+
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: object) -> None:
+        if mode != "create":
+            return super().pipe_file(path, value, mode=mode, **kwargs)
+        path = self._strip_protocol(path)
+        temporary = f"{path}.{uuid.uuid4().hex}.creating"
+        with open(temporary, "xb") as f:
+            f.write(value)
+        try:
+            os.link(temporary, path)
+        finally:
+            os.unlink(temporary)
+        return None
+
+
 fsspec.register_implementation("faulty", "storage.faults.FaultyFileSystem", clobber=True)
+for _protocol in LocalFileSystem.protocol:
+    fsspec.register_implementation(_protocol, LocalFiles, clobber=True)
 
 
 class StorageError(Exception):
@@ -136,7 +162,7 @@ class Location:
         out, done = bytearray(end - start), [False] * len(starts)
 
         def read(_: int) -> None:
-            if type(self.fs) is LocalFileSystem:  # one copy, from the page cache into `out`
+            if isinstance(self.fs, LocalFileSystem):  # one copy, from the page cache into `out`
                 with open(path, "rb") as f:
                     f.seek(start)
                     got = f.readinto(memoryview(out))

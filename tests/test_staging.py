@@ -79,3 +79,28 @@ def test_two_concurrent_publishers_end_with_exactly_one_version(store: str, stag
     won = [n for kind, n in outcomes if kind == "won"]
     assert len(won) == 1, outcomes
     assert read_manifest(store)["winner"] == won[0] and verify(store) == []
+
+
+def test_an_exclusive_local_create_has_exactly_one_winner_under_a_race(tmp_path) -> None:
+    """fsspec's local create checks and then writes; racing creators must not both win
+    (that race once let two publishers each think they had published)."""
+    location, rounds = open_location(str(tmp_path)), 60
+    for r in range(rounds):
+        barrier, won, lost = threading.Barrier(4), [], []
+
+        def create(n: int, name: str = f"f{r}", barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            try:
+                location.write_bytes(name, b"x" * 4096 + bytes([n]), exclusive=True)
+                won.append(n)
+            except FileExistsError:
+                lost.append(n)
+
+        threads = [threading.Thread(target=create, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(won) == 1 and len(lost) == 3, (r, won, lost)
+        assert location.read_bytes(f"f{r}") == b"x" * 4096 + bytes([won[0]])
+    assert location.list_files() == sorted(f"f{r}" for r in range(rounds))
