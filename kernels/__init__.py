@@ -1,6 +1,7 @@
-"""Low-bit linear layers. Each format has a torch reference path that runs anywhere;
-GPU kernels arrive with issue 7 and are picked by a plain `if` chain in dispatch."""
+"""Low-bit linear layers. Each format has a torch reference path that runs anywhere, a
+C kernel for CPUs and Triton kernels for GPUs; kernels/backends.py picks one."""
 
+from kernels.backends import BACKENDS, choose
 from kernels.quant_linear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["BACKENDS", "QuantLinear", "choose"]

@@ -1,5 +1,5 @@
 """QuantLinear: an nn.Linear replacement that stores a QuantizedWeight and runs it
-through a low-bit kernel (today the torch reference)."""
+through one of the low-bit kernels (kernels/backends.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,16 @@ from torch import nn
 
 from algorithms.types import QuantizedWeight
 from kernels import reference
+from kernels.backends import Backend, Requested, choose
 
 
 class QuantLinear(nn.Module):
-    """Buffers `qweight`, `scales`, `qzeros` (and `g_idx`, `bias`) as in the native artifact."""
+    """Buffers `qweight`, `scales`, `qzeros` (and `g_idx`, `bias`) as in the native
+    artifact. `backend` is the kernel that runs it ('auto' picks the best one for the
+    device of the first input); each kernel's layout of the weight is made on first use
+    and kept."""
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None):
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: Requested = "reference"):
         super().__init__()
         self.in_features, self.out_features = qw.in_features, qw.out_features
         self.bits, self.group_size = qw.bits, qw.group_size
@@ -22,6 +26,8 @@ class QuantLinear(nn.Module):
         self.register_buffer("qzeros", qw.zeros)
         self.register_buffer("g_idx", qw.g_idx)
         self.register_buffer("bias", bias)
+        self.requested: Requested = backend
+        self._laid_out: tuple[Backend, torch.device, object] | None = None
 
     @property
     def quantized(self) -> QuantizedWeight:
@@ -35,8 +41,38 @@ class QuantLinear(nn.Module):
             g_idx=self.g_idx,
         )
 
+    def use(self, backend: Requested) -> QuantLinear:
+        """Run through `backend` from the next call on."""
+        self.requested, self._laid_out = backend, None
+        return self
+
+    def backend(self, device: torch.device | None = None) -> Backend:
+        device = device or self.qweight.device
+        return choose(self.requested, "cuda" if device.type == "cuda" else "cpu")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reference.linear(x, self.quantized, self.bias)
+        backend = self.backend(x.device)
+        if backend == "reference":
+            return reference.linear(x, self.quantized, self.bias)
+        if self._laid_out is None or self._laid_out[:2] != (backend, x.device):
+            self._laid_out = (backend, x.device, self._lay_out(backend, x.device))
+        weight = self._laid_out[2]
+        if backend == "cpu":
+            from kernels import cpu
+
+            return cpu.linear(x, weight, self.bias)
+        from kernels import triton_uniform
+
+        return triton_uniform.linear(x, weight, None if self.bias is None else self.bias.to(x.device))
+
+    def _lay_out(self, backend: Backend, device: torch.device) -> object:
+        if backend == "cpu":
+            from kernels import cpu
+
+            return cpu.CpuWeight.of(self.quantized)
+        from kernels import triton_uniform
+
+        return triton_uniform.TritonWeight.of(self.quantized, device)
 
     def dense(self) -> nn.Linear:
         """An nn.Linear holding the dequantized weight: the same outputs as this layer's
@@ -48,4 +84,7 @@ class QuantLinear(nn.Module):
         return layer.eval()
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}"
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
+            f"backend={self.requested}"
+        )

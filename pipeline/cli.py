@@ -1,4 +1,4 @@
-"""`lamina`: quantize, export, eval, verify, status and ls. Errors are one line on stderr and exit code 2."""
+"""`lamina`: quantize, export, eval, bench, verify, status and ls. Errors are one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ def eval_data(args: argparse.Namespace, artifact: str):
     if saved is not None and saved.eval is None:
         raise LaminaError(f"{artifact}: its recipe names no eval data; pass --data URI")
     base = saved.eval if saved is not None else EvalData(source=args.data)
-    update = {k: v for k, v in {"glob": args.glob, "tokens": args.tokens, "window": args.window}.items() if v}
+    given = {"glob": args.glob, "tokens": args.tokens, "window": args.window, "kernel": args.kernel}
+    update = {k: v for k, v in given.items() if v}
     resources = Resources(workers=args.workers or (saved.resources.workers if saved else 2))
     return base.model_copy(update=update), resources
 
@@ -69,9 +70,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data, resources = eval_data(args, args.artifact)
     models = [args.artifact] + ([args.against] if args.against else [])
     reports = [evaluate(m, data, resources, progress=not args.quiet) for m in models]
-    rows = [(r.model, f"perplexity {r.perplexity:.3f} over {r.tokens} tokens ({r.seconds:.0f} s)") for r in reports]
+    rows = [
+        (r.model, f"perplexity {r.perplexity:.3f} over {r.tokens} tokens ({r.seconds:.0f} s, {r.kernel} kernel)")
+        for r in reports
+    ]
     print(table(rows, f"lamina eval: {data.source} ({data.tokens} tokens, windows of {data.window})"))
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kernels import bench
+
+    return bench.main(args)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -158,7 +168,15 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tokens", type=int)
     e.add_argument("--window", type=int)
     e.add_argument("--workers", type=int)
+    e.add_argument("--kernel", choices=["auto", "reference", "cpu", "triton"], help="low-bit kernel (default: auto)")
     e.set_defaults(func=cmd_eval)
+    b = sub.add_parser("bench", help="benchmarks against a baseline measured in the same run")
+    bsub = b.add_subparsers(dest="what", required=True)
+    bk = bsub.add_parser("kernels", help="low-bit kernel vs the dense matmul on Llama-3-70B shapes")
+    from kernels.bench import add_arguments
+
+    add_arguments(bk)
+    bk.set_defaults(func=cmd_bench)
     v = sub.add_parser("verify", help="re-hash every file of an artifact against its manifest")
     v.add_argument("artifact")
     v.set_defaults(func=cmd_verify)

@@ -24,6 +24,7 @@ class EvalReport:
     nll: float  # mean NLL per predicted token
     tokens: int  # predicted tokens
     seconds: float
+    kernel: str  # the low-bit kernel the workers ran quantized linears through
 
 
 def evaluate(model_uri: str, data: EvalData, resources: Resources, *, progress: bool = True) -> EvalReport:
@@ -34,9 +35,10 @@ def evaluate(model_uri: str, data: EvalData, resources: Resources, *, progress: 
     stream = token_stream(uri=data.source, pattern=data.glob, tokenizer=tokenizer, needed=data.tokens, what="eval")
     windows = sequences(stream, count=data.windows, length=data.window)  # [windows, window]
     ray = cluster.connect(resources)
-    pool = cluster.start_runners(ray, resources, model_uri=checkpoint.uri, layout=layout)
+    pool = cluster.start_runners(ray, resources, model_uri=checkpoint.uri, layout=layout, kernel=data.kernel)
     runners = pool.runners
     try:
+        kernel = cluster.get(ray, runners[0].kernel_backend.remote())
         shares = cluster.split(len(windows), len(runners))
         inputs = [{w: windows[w : w + 1] for w in share} for share in shares]
         cluster.get(ray, [r.set_inputs.remote(i) for r, i in zip(runners, inputs, strict=True)])
@@ -54,4 +56,5 @@ def evaluate(model_uri: str, data: EvalData, resources: Resources, *, progress: 
         nll=nll / count,
         tokens=count,
         seconds=time.perf_counter() - start,
+        kernel=kernel,
     )

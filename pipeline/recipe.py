@@ -50,6 +50,9 @@ class Calibration(TextData):
 class EvalData(TextData):
     tokens: int = Field(16384, ge=2)
     window: int = Field(1024, ge=2)
+    kernel: Literal["auto", "reference", "cpu", "triton"] = Field(
+        "auto", description="the low-bit kernel the eval runs quantized linears through; auto: the best available"
+    )
 
     @property
     def windows(self) -> int:

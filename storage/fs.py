@@ -40,7 +40,6 @@ CLIENT_LIBRARIES = ("botocore", "aiobotocore", "google.auth", "google.api_core")
 PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-
 class LocalFiles(LocalFileSystem):
     """fsspec's local filesystem with an atomic exclusive create. fsspec's own
     `pipe_file(mode="create")` checks for the file and then writes it, so two publishers

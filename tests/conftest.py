@@ -27,6 +27,13 @@ os.environ.setdefault("RAY_TMPDIR", _RAY_TMP)
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
+# Without a GPU, Triton's kernels run only interpreted, and the flag must be set before
+# triton is imported (the Ray workers inherit it too).
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     if not (MODEL / "model.safetensors.index.json").exists() or not (DOCS / "tutorial").is_dir():

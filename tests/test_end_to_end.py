@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.cli import main
 from pipeline.driver import quantize
@@ -33,12 +34,47 @@ def protocol_runs(tmp_path_factory, ray_cluster):
     gptq = parse(recipe_doc(tmp / "gptq"))
     gptq3 = parse(recipe_doc(tmp / "gptq3", scheme={"bits": 3}))
     runs = {name: quantize(recipe, progress=False) for name, recipe in (("gptq", gptq), ("gptq3", gptq3))}
-    ppl = {
-        name: evaluate(run.output, gptq.eval, gptq.resources, progress=False).perplexity for name, run in runs.items()
-    }
-    ppl["source"] = evaluate(gptq.model, gptq.eval, gptq.resources, progress=False).perplexity
+    evals = {name: evaluate(run.output, gptq.eval, gptq.resources, progress=False) for name, run in runs.items()}
+    evals["source"] = evaluate(gptq.model, gptq.eval, gptq.resources, progress=False)
+    ppl = {name: report.perplexity for name, report in evals.items()}
     print(f"\nreference protocol perplexities: {ppl}")
+    assert {r.kernel for r in evals.values()} == {"cpu"}  # eval's `auto` picks the C kernel on this CPU
     return runs, ppl
+
+
+def test_the_demo_artifact_has_the_same_perplexity_through_each_kernel(protocol_runs, small_reference) -> None:
+    """The 4-bit g64 artifact (the demo's recipe) through the reference and the C kernel.
+    Triton, interpreted on a CPU, is too slow for 30 blocks: there it runs the 4-block
+    artifact of the same recipe against the reference instead (on a GPU, the 30-block one)."""
+    runs, _ = protocol_runs
+    recipe = parse(recipe_doc(Path("unused")))
+    gpu = torch.cuda.is_available()
+    few = recipe.eval.model_copy(update={"tokens": 4096})
+    kernels = ("reference", "cpu", "triton") if gpu else ("reference", "cpu")
+    reports = {
+        k: evaluate(runs["gptq"].output, few.model_copy(update={"kernel": k}), recipe.resources, progress=False)
+        for k in kernels
+    }
+    print(
+        f"\nperplexity by kernel, 4-bit g64 artifact, {few.tokens} tokens:",
+        {k: r.perplexity for k, r in reports.items()},
+    )
+    assert {k: r.kernel for k, r in reports.items()} == {k: k for k in kernels}
+    assert reports["cpu"].tokens == reports["reference"].tokens == 4 * 1023
+    for k in kernels[1:]:
+        assert reports[k].perplexity == pytest.approx(reports["reference"].perplexity, rel=1e-3)
+    if gpu:
+        return
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton cannot be installed on this machine: its eval is untested here")
+    tiny = recipe.eval.model_copy(update={"tokens": 128, "window": 64})
+    one = recipe.resources.model_copy(update={"workers": 1})
+    small = {
+        k: evaluate(small_reference.output, tiny.model_copy(update={"kernel": k}), one, progress=False).perplexity
+        for k in ("reference", "triton")
+    }
+    print("perplexity by kernel, 4-block artifact, 2 windows of 64 (Triton interpreted):", small)
+    assert small["triton"] == pytest.approx(small["reference"], rel=1e-3)
 
 
 def test_artifact_is_complete_and_verifies(protocol_runs) -> None:

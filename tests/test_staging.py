@@ -88,7 +88,7 @@ def test_an_exclusive_local_create_has_exactly_one_winner_under_a_race(tmp_path)
     for r in range(rounds):
         barrier, won, lost = threading.Barrier(4), [], []
 
-        def create(n: int, name: str = f"f{r}", barrier: threading.Barrier = barrier) -> None:
+        def create(n: int, name: str = f"f{r}", barrier=barrier, won=won, lost=lost) -> None:
             barrier.wait()
             try:
                 location.write_bytes(name, b"x" * 4096 + bytes([n]), exclusive=True)

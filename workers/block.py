@@ -21,7 +21,8 @@ from transformers import AutoConfig, PretrainedConfig
 
 from algorithms import PREPARERS, QUANTIZERS, GPTQConfig, QuantizedWeight, UniformScheme
 from algorithms.hessian import input_gram
-from kernels import QuantLinear
+from kernels import QuantLinear, choose
+from kernels.backends import Requested
 from storage.checkpoint import Checkpoint
 from storage.fs import open_location
 from storage.options import configure
@@ -106,8 +107,21 @@ class BlockRunner:
     """Loads blocks of the checkpoint at `model_uri` (source or quantized artifact) and
     runs the chunks it was given through them."""
 
-    def __init__(self, *, model_uri: str, layout: BlockLayout, threads: int, storage: dict[str, dict] | None = None):
+    def __init__(
+        self,
+        *,
+        model_uri: str,
+        layout: BlockLayout,
+        threads: int,
+        storage: dict[str, dict] | None = None,
+        kernel: Requested | None = None,
+    ):
+        """kernel: run stored quantized linears through this low-bit kernel (eval); None:
+        dequantize them once per block (quantization's propagation, the reference's numbers)."""
         torch.set_num_threads(threads)
+        self.kernel = kernel
+        if kernel is not None:
+            choose(kernel, "cpu")  # a forced kernel that cannot run here fails before any work
         configure(storage or {}, resolved=True)
         self.checkpoint = Checkpoint(model_uri)
         self.layout = layout
@@ -124,6 +138,10 @@ class BlockRunner:
         self.index = -1
 
     # ---- inputs -------------------------------------------------------------------
+    def kernel_backend(self) -> str | None:
+        """The kernel this worker runs quantized linears through (None: dequantized once)."""
+        return None if self.kernel is None else choose(self.kernel, "cpu")
+
     @staticmethod
     def whoami() -> str:
         """host:pid, and the Ray node when run as an actor: how events name this worker."""
@@ -196,8 +214,12 @@ class BlockRunner:
         for linear in quantized:
             self._swap(layer, linear, self._stored_quantized(linear, bits, group_size))
         layer.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in self.raw.items()}, strict=True)
-        for linear in quantized:  # QuantLinear's CPU reference path dequantizes: once per block, not per chunk
-            self._swap(layer, linear, layer.get_submodule(linear).dense())
+        for linear in quantized:
+            module = layer.get_submodule(linear)
+            if self.kernel is None:  # the reference path's numbers, dequantized once per block, not per chunk
+                self._swap(layer, linear, module.dense())
+            else:
+                module.use(self.kernel)
         self.layer, self.index = layer.eval(), index
 
     def _stored_quantized(self, linear: str, bits: int, group_size: int) -> QuantLinear:

@@ -1,0 +1,184 @@
+"""Triton kernels for the group-wise uniform formats (int2/3/4/8, with or without g_idx).
+
+The weight is laid out for the GPU once, at load: the packed words transposed to
+[words, out] (GPTQ's qweight layout: the words of one input slice are contiguous across
+output columns, so loads coalesce), scales [groups, out] and integer zero points
+[groups, out]. A tile of W^T [BLOCK_K, BLOCK_N] is unpacked and dequantized in
+registers, exactly as the reference does: w = scale * (code - zero).
+
+- `gemv` (1-4 activation rows, decode): one program per (column block, K split,
+  activation row) reduces its K range into fp32 partial sums; the splits are added in
+  split order by torch (deterministic), so a 70B-wide K keeps every SM busy.
+- `gemm` (prefill): classic M x N tiles with `tl.dot`, fp32 accumulation; fp32
+  activations use IEEE fp32 dot products (not TF32), so results match the reference.
+
+On a machine without a GPU the same kernels run under TRITON_INTERPRET=1 (set before
+triton is imported), which is how the tests check them on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from algorithms.types import QuantizedWeight
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+GEMV_MAX_ROWS = 4
+
+
+@triton.jit
+def _dequantized_tile(
+    qw_ptr, s_ptr, z_ptr, g_ptr, rk, rn, N, K, WORDS, group_size, BITS: tl.constexpr, HAS_GIDX: tl.constexpr
+):
+    """W^T[rk, rn] as fp32 [BLOCK_K, BLOCK_N]; zeros outside the weight."""
+    kmask = rk < K
+    mask = kmask[:, None] & (rn < N)[None, :]
+    bit = rk * BITS
+    word = bit // 32
+    shift = (bit % 32).to(tl.uint32)
+    low = tl.load(qw_ptr + word[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+    codes = low >> shift[:, None]
+    if BITS == 3:  # a code may continue at the bottom of the next word
+        nxt = word + 1
+        high = tl.load(qw_ptr + nxt[:, None] * N + rn[None, :], mask=mask & (nxt < WORDS)[:, None], other=0)
+        high = high.to(tl.uint32, bitcast=True)
+        codes = codes | ((high << 1) << (31 - shift)[:, None])  # two shifts: never a shift by 32
+    codes = codes & ((1 << BITS) - 1)
+    if HAS_GIDX:  # noqa: SIM108 (a constexpr branch: one of them is compiled)
+        g = tl.load(g_ptr + rk, mask=kmask, other=0)
+    else:
+        g = rk // group_size
+    s = tl.load(s_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.float32)
+    return s * (codes.to(tl.float32) - z)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, part_ptr, M, N, K, WORDS, group_size, stride_xm, k_per_split,
+    BITS: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_n, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    k_lo = split * k_per_split
+    for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
+        w = _dequantized_tile(qw_ptr, s_ptr, z_ptr, g_ptr, rk, rn, N, K, WORDS, group_size, BITS, HAS_GIDX)
+        acc += tl.sum(w * x[:, None], axis=0)
+    tl.store(part_ptr + (split * M + m) * N + rn, acc, mask=rn < N)
+
+
+@triton.jit
+def _gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, WORDS, group_size, stride_xm, stride_ym,
+    BITS: tl.constexpr, HAS_GIDX: tl.constexpr, FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0
+        )
+        w = _dequantized_tile(qw_ptr, s_ptr, z_ptr, g_ptr, rk, rn, N, K, WORDS, group_size, BITS, HAS_GIDX)
+        if FP32:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w.to(x.dtype))
+    tl.store(
+        y_ptr + rm[:, None] * stride_ym + rn[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(rm < M)[:, None] & (rn < N)[None, :],
+    )
+
+
+@dataclass(frozen=True)
+class TritonWeight:
+    """A QuantizedWeight laid out for the kernels (see the module's docstring)."""
+
+    qweight: torch.Tensor  # int32 [words, out]
+    scales: torch.Tensor  # fp16 [groups, out]
+    zeros: torch.Tensor  # uint8 [groups, out]
+    g_idx: torch.Tensor | None  # int32 [in]
+    bits: int
+    group_size: int
+    in_features: int
+
+    @classmethod
+    def of(cls, qw: QuantizedWeight, device: torch.device | str) -> TritonWeight:
+        return cls(
+            qweight=qw.qweight.t().contiguous().to(device),
+            scales=qw.scales.t().contiguous().to(device),
+            zeros=qw.zeros.t().contiguous().to(device),
+            g_idx=None if qw.g_idx is None else qw.g_idx.to(device=device, dtype=torch.int32).contiguous(),
+            bits=qw.bits,
+            group_size=qw.group_size,
+            in_features=qw.in_features,
+        )
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+
+def _gemv_config(N: int, K: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, splits of K): on a GPU enough programs to fill it; interpreted,
+    few and large programs (the interpreter's cost grows with their number)."""
+    if INTERPRETED:
+        return 128, 128, 1
+    block_n, block_k = 64, 128
+    columns = triton.cdiv(N, block_n)
+    splits = max(1, min(triton.cdiv(K, block_k * 2), triton.cdiv(1024, columns)))
+    return block_n, block_k, splits
+
+
+def _gemm_config(M: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)."""
+    if INTERPRETED:
+        return 128, 128, 128, 4
+    return (64 if M > 32 else 16), 128, 64, 4
+
+
+def linear(x: torch.Tensor, w: TritonWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] (fp16, bf16 or fp32, on the weight's device) -> [..., out] in x's dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M, K, N = x2.shape[0], w.in_features, w.out_features
+    words = w.qweight.shape[0]
+    g_idx = w.g_idx if w.g_idx is not None else w.qweight  # any pointer: not read without g_idx
+    if M <= GEMV_MAX_ROWS:
+        block_n, block_k, splits = _gemv_config(N, K)
+        k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
+        splits = triton.cdiv(K, k_per_split)
+        part = torch.empty(splits, M, N, device=x2.device, dtype=torch.float32)
+        grid = (triton.cdiv(N, block_n), splits, M)
+        _gemv_kernel[grid](
+            x2, w.qweight, w.scales, w.zeros, g_idx, part, M, N, K, words, w.group_size, x2.stride(0), k_per_split,
+            BITS=w.bits, HAS_GIDX=w.g_idx is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        )  # fmt: skip
+        y = part[0] if splits == 1 else part.sum(0)
+        y = y.to(x.dtype)
+    else:
+        block_m, block_n, block_k, warps = _gemm_config(M)
+        y = torch.empty(M, N, device=x2.device, dtype=x.dtype)
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        _gemm_kernel[grid](
+            x2, w.qweight, w.scales, w.zeros, g_idx, y, M, N, K, words, w.group_size, x2.stride(0), y.stride(0),
+            BITS=w.bits, HAS_GIDX=w.g_idx is not None, FP32=x.dtype == torch.float32,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        )  # fmt: skip
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*shape[:-1], N)
