@@ -155,9 +155,9 @@ def linear(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None) -> torch.Te
             N,
         )
     else:
-        yt = torch.empty(N, M)  # y transposed: a tile's rows are contiguous
         step = N if N * K <= WHOLE_ELEMENTS else TILE_ROWS
         tile = torch.empty(min(step, N), K)
+        yt = None if step == N else torch.empty(N, M)  # y transposed: a tile's rows are contiguous
         for t0 in range(0, N, step):
             rows = min(step, N - t0)
             _split(
@@ -166,8 +166,12 @@ def linear(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None) -> torch.Te
                 ),
                 rows,
             )
-            torch.mm(tile[:rows], x2.t(), out=yt[t0 : t0 + rows])
-        y = yt.t()
+            if yt is None:
+                y = torch.mm(x2, tile.t())
+            else:
+                torch.mm(tile[:rows], x2.t(), out=yt[t0 : t0 + rows])
+        if yt is not None:
+            y = yt.t().contiguous()  # callers (attention's views) expect a row-major result
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*shape[:-1], N).to(dtype)
