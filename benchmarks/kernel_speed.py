@@ -1,8 +1,8 @@
 """Our low-bit kernel against the dense matmul on Llama-3-70B shapes: the same as
 `lamina bench kernels` (see kernels/bench.py for what is measured).
 
-    python benchmarks/kernels.py                               # 70B shapes, batch 1, 8, 32
-    python benchmarks/kernels.py --shapes 4096x4096 --bits 3   # anything else
+    python benchmarks/kernel_speed.py                               # 70B shapes, batch 1, 8, 32
+    python benchmarks/kernel_speed.py --shapes 4096x4096 --bits 3   # anything else
 """
 
 from __future__ import annotations
