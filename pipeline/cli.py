@@ -71,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     models = [args.artifact] + ([args.against] if args.against else [])
     reports = [evaluate(m, data, resources, progress=not args.quiet) for m in models]
     rows = [
-        (r.model, f"perplexity {r.perplexity:.3f} over {r.tokens} tokens ({r.seconds:.0f} s, {r.kernel} kernel)")
+        (r.model, f"perplexity {r.perplexity:.3f} over {r.tokens} tokens ({r.seconds:.0f} s, kernel: {r.kernel})")
         for r in reports
     ]
     print(table(rows, f"lamina eval: {data.source} ({data.tokens} tokens, windows of {data.window})"))

@@ -24,7 +24,7 @@ class EvalReport:
     nll: float  # mean NLL per predicted token
     tokens: int  # predicted tokens
     seconds: float
-    kernel: str  # the low-bit kernel the workers ran quantized linears through
+    kernel: str  # the low-bit kernel the workers ran quantized linears through; "none" for an unquantized model
 
 
 def evaluate(model_uri: str, data: EvalData, resources: Resources, *, progress: bool = True) -> EvalReport:
@@ -38,7 +38,8 @@ def evaluate(model_uri: str, data: EvalData, resources: Resources, *, progress: 
     pool = cluster.start_runners(ray, resources, model_uri=checkpoint.uri, layout=layout, kernel=data.kernel)
     runners = pool.runners
     try:
-        kernel = cluster.get(ray, runners[0].kernel_backend.remote())
+        quantized = bool(checkpoint.config.get("quantization_config"))
+        kernel = cluster.get(ray, runners[0].kernel_backend.remote()) if quantized else "none"
         shares = cluster.split(len(windows), len(runners))
         inputs = [{w: windows[w : w + 1] for w in share} for share in shares]
         cluster.get(ray, [r.set_inputs.remote(i) for r, i in zip(runners, inputs, strict=True)])
