@@ -134,6 +134,10 @@ class CpuWeight:
         return cls(codes.contiguous(), scales.contiguous(), (scales * zeros).contiguous(), starts, order)
 
 
+def layout(qw: QuantizedWeight, device: torch.device) -> CpuWeight:
+    return CpuWeight.of(qw)
+
+
 def linear(x: torch.Tensor, w: CpuWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] -> [..., out]; computed in fp32, returned in x's dtype."""
     lib = library()

@@ -54,25 +54,10 @@ class QuantLinear(nn.Module):
         backend = self.backend(x.device)
         if backend == "reference":
             return reference.linear(x, self.quantized, self.bias)
+        kernel = _kernel(backend)
         if self._laid_out is None or self._laid_out[:2] != (backend, x.device):
-            self._laid_out = (backend, x.device, self._lay_out(backend, x.device))
-        weight = self._laid_out[2]
-        if backend == "cpu":
-            from kernels import cpu
-
-            return cpu.linear(x, weight, self.bias)
-        from kernels import triton_uniform
-
-        return triton_uniform.linear(x, weight, None if self.bias is None else self.bias.to(x.device))
-
-    def _lay_out(self, backend: Backend, device: torch.device) -> object:
-        if backend == "cpu":
-            from kernels import cpu
-
-            return cpu.CpuWeight.of(self.quantized)
-        from kernels import triton_uniform
-
-        return triton_uniform.TritonWeight.of(self.quantized, device)
+            self._laid_out = (backend, x.device, kernel.layout(self.quantized, x.device))
+        return kernel.linear(x, self._laid_out[2], self.bias)
 
     def dense(self) -> nn.Linear:
         """An nn.Linear holding the dequantized weight: the same outputs as this layer's
@@ -88,3 +73,15 @@ class QuantLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
             f"backend={self.requested}"
         )
+
+
+def _kernel(backend: Backend):
+    """The module of a compiled backend (imported on first use: triton only where it runs):
+    each has `layout(qw, device)` and `linear(x, laid_out, bias)`."""
+    if backend == "cpu":
+        from kernels import cpu
+
+        return cpu
+    from kernels import triton_uniform
+
+    return triton_uniform

@@ -149,6 +149,10 @@ def _gemm_config(M: int) -> tuple[int, int, int, int]:
     return (64 if M > 32 else 16), 128, 64, 4
 
 
+def layout(qw: QuantizedWeight, device: torch.device) -> TritonWeight:
+    return TritonWeight.of(qw, device)
+
+
 def linear(x: torch.Tensor, w: TritonWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] (fp16, bf16 or fp32, on the weight's device) -> [..., out] in x's dtype."""
     shape = x.shape
@@ -180,5 +184,5 @@ def linear(x: torch.Tensor, w: TritonWeight, bias: torch.Tensor | None) -> torch
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
         )  # fmt: skip
     if bias is not None:
-        y = y + bias.to(y.dtype)
+        y = y + bias.to(device=y.device, dtype=y.dtype)
     return y.reshape(*shape[:-1], N)
