@@ -33,21 +33,35 @@ GEMV_MAX_ROWS = 4
 
 @triton.jit
 def _dequantized_tile(
-    qw_ptr, s_ptr, z_ptr, g_ptr, rk, rn, N, K, WORDS, group_size, BITS: tl.constexpr, HAS_GIDX: tl.constexpr
-):
-    """W^T[rk, rn] as fp32 [BLOCK_K, BLOCK_N]; zeros outside the weight."""
+    qw_ptr, s_ptr, z_ptr, g_ptr, k0, rn, N, K, WORDS, group_size,
+    BITS: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_K: tl.constexpr, WORDWISE: tl.constexpr,
+):  # fmt: skip
+    """W^T[k0:k0+BLOCK_K, rn] as fp32 [BLOCK_K, BLOCK_N]; zeros outside the weight.
+
+    WORDWISE (2, 4 and 8 bits, k0 a multiple of BLOCK_K): each packed word is loaded once
+    and widened into its 32/BITS codes by shifts; otherwise every code loads its word."""
+    rk = k0 + tl.arange(0, BLOCK_K)
     kmask = rk < K
-    mask = kmask[:, None] & (rn < N)[None, :]
-    bit = rk * BITS
-    word = bit // 32
-    shift = (bit % 32).to(tl.uint32)
-    low = tl.load(qw_ptr + word[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
-    codes = low >> shift[:, None]
-    if BITS == 3:  # a code may continue at the bottom of the next word
-        nxt = word + 1
-        high = tl.load(qw_ptr + nxt[:, None] * N + rn[None, :], mask=mask & (nxt < WORDS)[:, None], other=0)
-        high = high.to(tl.uint32, bitcast=True)
-        codes = codes | ((high << 1) << (31 - shift)[:, None])  # two shifts: never a shift by 32
+    nmask = rn < N
+    mask = kmask[:, None] & nmask[None, :]
+    if WORDWISE:
+        PER: tl.constexpr = 32 // BITS
+        rw = k0 // PER + tl.arange(0, BLOCK_K // PER)
+        wmask = (rw < WORDS)[:, None] & nmask[None, :]
+        words = tl.load(qw_ptr + rw[:, None] * N + rn[None, :], mask=wmask, other=0).to(tl.uint32, bitcast=True)
+        shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
+        codes = tl.reshape(words[:, None, :] >> shifts[None, :, None], (BLOCK_K, rn.shape[0]))
+    else:
+        bit = rk * BITS
+        word = bit // 32
+        shift = (bit % 32).to(tl.uint32)
+        low = tl.load(qw_ptr + word[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+        codes = low >> shift[:, None]
+        if BITS == 3:  # a code may continue at the bottom of the next word
+            nxt = word + 1
+            high = tl.load(qw_ptr + nxt[:, None] * N + rn[None, :], mask=mask & (nxt < WORDS)[:, None], other=0)
+            high = high.to(tl.uint32, bitcast=True)
+            codes = codes | ((high << 1) << (31 - shift)[:, None])  # two shifts: never a shift by 32
     codes = codes & ((1 << BITS) - 1)
     if HAS_GIDX:  # noqa: SIM108 (a constexpr branch: one of them is compiled)
         g = tl.load(g_ptr + rk, mask=kmask, other=0)
@@ -62,15 +76,20 @@ def _dequantized_tile(
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, part_ptr, M, N, K, WORDS, group_size, stride_xm, k_per_split,
     BITS: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    WORDWISE: tl.constexpr,
 ):  # fmt: skip
-    pid_n, split, m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # the activation row varies fastest, so the programs of one weight tile run together
+    # and the rows after the first read it from L2
+    m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     k_lo = split * k_per_split
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
-        w = _dequantized_tile(qw_ptr, s_ptr, z_ptr, g_ptr, rk, rn, N, K, WORDS, group_size, BITS, HAS_GIDX)
+        w = _dequantized_tile(
+            qw_ptr, s_ptr, z_ptr, g_ptr, k0, rn, N, K, WORDS, group_size, BITS, HAS_GIDX, BLOCK_K, WORDWISE
+        )
         acc += tl.sum(w * x[:, None], axis=0)
     tl.store(part_ptr + (split * M + m) * N + rn, acc, mask=rn < N)
 
@@ -79,7 +98,7 @@ def _gemv_kernel(
 def _gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, WORDS, group_size, stride_xm, stride_ym,
     BITS: tl.constexpr, HAS_GIDX: tl.constexpr, FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDWISE: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -90,7 +109,9 @@ def _gemm_kernel(
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0
         )
-        w = _dequantized_tile(qw_ptr, s_ptr, z_ptr, g_ptr, rk, rn, N, K, WORDS, group_size, BITS, HAS_GIDX)
+        w = _dequantized_tile(
+            qw_ptr, s_ptr, z_ptr, g_ptr, k0, rn, N, K, WORDS, group_size, BITS, HAS_GIDX, BLOCK_K, WORDWISE
+        )
         if FP32:
             acc += tl.dot(x, w, input_precision="ieee")
         else:
@@ -131,30 +152,48 @@ class TritonWeight:
         return self.qweight.shape[1]
 
 
-def _gemv_config(N: int, K: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, splits of K): on a GPU enough programs to fill it; interpreted,
-    few and large programs (the interpreter's cost grows with their number)."""
-    if INTERPRETED:
-        return 128, 128, 1
-    block_n, block_k = 64, 128
-    columns = triton.cdiv(N, block_n)
-    splits = max(1, min(triton.cdiv(K, block_k * 2), triton.cdiv(1024, columns)))
-    return block_n, block_k, splits
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int
+    block_k: int
+    programs: int  # K is split until about this many programs per activation row
+    warps: int = 4
+    wordwise: bool = True
 
 
-def _gemm_config(M: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)."""
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int = 4
+    stages: int = 3
+    wordwise: bool = True
+
+
+def _gemv_config(N: int, K: int) -> GemvConfig:
+    """On a GPU enough programs to fill it; interpreted, few and large programs (the
+    interpreter's cost grows with their number)."""
     if INTERPRETED:
-        return 128, 128, 128, 4
-    return (64 if M > 32 else 16), 128, 64, 4
+        return GemvConfig(128, 128, 1)
+    return GemvConfig(64, 128, 1024)
+
+
+def _gemm_config(M: int) -> GemmConfig:
+    if INTERPRETED:
+        return GemmConfig(128, 128, 128)
+    return GemmConfig(64 if M > 32 else 16, 128, 64)
 
 
 def layout(qw: QuantizedWeight, device: torch.device) -> TritonWeight:
     return TritonWeight.of(qw, device)
 
 
-def linear(x: torch.Tensor, w: TritonWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] (fp16, bf16 or fp32, on the weight's device) -> [..., out] in x's dtype."""
+def linear(
+    x: torch.Tensor, w: TritonWeight, bias: torch.Tensor | None, config: GemvConfig | GemmConfig | None = None
+) -> torch.Tensor:
+    """x [..., in] (fp16, bf16 or fp32, on the weight's device) -> [..., out] in x's dtype.
+    `config` overrides the tile sizes (GemvConfig: the GEMV path, GemmConfig: GEMM), for tuning."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
@@ -162,26 +201,31 @@ def linear(x: torch.Tensor, w: TritonWeight, bias: torch.Tensor | None) -> torch
     M, K, N = x2.shape[0], w.in_features, w.out_features
     words = w.qweight.shape[0]
     g_idx = w.g_idx if w.g_idx is not None else w.qweight  # any pointer: not read without g_idx
-    if M <= GEMV_MAX_ROWS:
-        block_n, block_k, splits = _gemv_config(N, K)
-        k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
+    if isinstance(config, GemvConfig) or (config is None and M <= GEMV_MAX_ROWS):
+        c = config or _gemv_config(N, K)
+        wordwise = c.wordwise and w.bits in (2, 4, 8)
+        columns = triton.cdiv(N, c.block_n)
+        splits = max(1, min(triton.cdiv(K, c.block_k * 2), triton.cdiv(c.programs, columns)))
+        k_per_split = triton.cdiv(triton.cdiv(K, splits), c.block_k) * c.block_k
         splits = triton.cdiv(K, k_per_split)
         part = torch.empty(splits, M, N, device=x2.device, dtype=torch.float32)
-        grid = (triton.cdiv(N, block_n), splits, M)
-        _gemv_kernel[grid](
+        _gemv_kernel[(M, columns, splits)](
             x2, w.qweight, w.scales, w.zeros, g_idx, part, M, N, K, words, w.group_size, x2.stride(0), k_per_split,
-            BITS=w.bits, HAS_GIDX=w.g_idx is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+            BITS=w.bits, HAS_GIDX=w.g_idx is not None, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WORDWISE=wordwise,
+            num_warps=c.warps,
         )  # fmt: skip
         y = part[0] if splits == 1 else part.sum(0)
         y = y.to(x.dtype)
     else:
-        block_m, block_n, block_k, warps = _gemm_config(M)
+        c = config or _gemm_config(M)
+        wordwise = c.wordwise and w.bits in (2, 4, 8)
         y = torch.empty(M, N, device=x2.device, dtype=x.dtype)
-        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        grid = (triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))
         _gemm_kernel[grid](
             x2, w.qweight, w.scales, w.zeros, g_idx, y, M, N, K, words, w.group_size, x2.stride(0), y.stride(0),
             BITS=w.bits, HAS_GIDX=w.g_idx is not None, FP32=x.dtype == torch.float32,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WORDWISE=wordwise,
+            num_warps=c.warps, num_stages=c.stages,
         )  # fmt: skip
     if bias is not None:
         y = y + bias.to(device=y.device, dtype=y.dtype)
