@@ -27,13 +27,14 @@ from kernels.bench import LLAMA_70B, peak_bandwidth, random_weight
 
 def gemv_candidates() -> list[tu.GemvConfig]:
     grid = itertools.product((True, False), (32, 64, 128), (128, 256), (1024, 4096), (4,))
-    return [tu.GemvConfig(n, k, p, w, ww) for ww, n, k, p, w in grid]
+    return [tu.GemvConfig(n, k, p, w, words) for words, n, k, p, w in grid]
 
 
 def gemm_candidates(batch: int) -> list[tu.GemmConfig]:
     block_m = 16 if batch <= 16 else (32 if batch <= 32 else 64)
-    grid = itertools.product((True, False), (64, 128), (64, 128), ((4, 3), (8, 4)))
-    return [tu.GemmConfig(block_m, n, k, w, s, ww) for ww, n, k, (w, s) in grid]
+    words = itertools.product((True,), (64, 128), (128, 256), ((4, 3), (8, 4), (4, 4)))
+    general = itertools.product((False,), (64, 128), (64,), ((4, 3), (8, 4)))
+    return [tu.GemmConfig(block_m, n, k, w, s, ww) for ww, n, k, (w, s) in (*words, *general)]
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from algorithms.packing import pack, unpack
 from algorithms.types import QuantizedWeight
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -34,34 +35,24 @@ GEMV_MAX_ROWS = 4
 @triton.jit
 def _dequantized_tile(
     qw_ptr, s_ptr, z_ptr, g_ptr, k0, rn, N, K, WORDS, group_size,
-    BITS: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_K: tl.constexpr, WORDWISE: tl.constexpr,
+    BITS: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """W^T[k0:k0+BLOCK_K, rn] as fp32 [BLOCK_K, BLOCK_N]; zeros outside the weight.
-
-    WORDWISE (2, 4 and 8 bits, k0 a multiple of BLOCK_K): each packed word is loaded once
-    and widened into its 32/BITS codes by shifts; otherwise every code loads its word."""
+    """W^T[k0:k0+BLOCK_K, rn] as fp32 [BLOCK_K, BLOCK_N], zeros outside the weight; any
+    bit width (3-bit codes may straddle words), any g_idx: each code loads its own word,
+    scale and zero (the general path; see the *_words kernels for the fast one)."""
     rk = k0 + tl.arange(0, BLOCK_K)
     kmask = rk < K
-    nmask = rn < N
-    mask = kmask[:, None] & nmask[None, :]
-    if WORDWISE:
-        PER: tl.constexpr = 32 // BITS
-        rw = k0 // PER + tl.arange(0, BLOCK_K // PER)
-        wmask = (rw < WORDS)[:, None] & nmask[None, :]
-        words = tl.load(qw_ptr + rw[:, None] * N + rn[None, :], mask=wmask, other=0).to(tl.uint32, bitcast=True)
-        shifts = (tl.arange(0, PER) * BITS).to(tl.uint32)
-        codes = tl.reshape(words[:, None, :] >> shifts[None, :, None], (BLOCK_K, rn.shape[0]))
-    else:
-        bit = rk * BITS
-        word = bit // 32
-        shift = (bit % 32).to(tl.uint32)
-        low = tl.load(qw_ptr + word[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
-        codes = low >> shift[:, None]
-        if BITS == 3:  # a code may continue at the bottom of the next word
-            nxt = word + 1
-            high = tl.load(qw_ptr + nxt[:, None] * N + rn[None, :], mask=mask & (nxt < WORDS)[:, None], other=0)
-            high = high.to(tl.uint32, bitcast=True)
-            codes = codes | ((high << 1) << (31 - shift)[:, None])  # two shifts: never a shift by 32
+    mask = kmask[:, None] & (rn < N)[None, :]
+    bit = rk * BITS
+    word = bit // 32
+    shift = (bit % 32).to(tl.uint32)
+    low = tl.load(qw_ptr + word[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+    codes = low >> shift[:, None]
+    if BITS == 3:  # a code may continue at the bottom of the next word
+        nxt = word + 1
+        high = tl.load(qw_ptr + nxt[:, None] * N + rn[None, :], mask=mask & (nxt < WORDS)[:, None], other=0)
+        high = high.to(tl.uint32, bitcast=True)
+        codes = codes | ((high << 1) << (31 - shift)[:, None])  # two shifts: never a shift by 32
     codes = codes & ((1 << BITS) - 1)
     if HAS_GIDX:  # noqa: SIM108 (a constexpr branch: one of them is compiled)
         g = tl.load(g_ptr + rk, mask=kmask, other=0)
@@ -76,7 +67,6 @@ def _dequantized_tile(
 def _gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, part_ptr, M, N, K, WORDS, group_size, stride_xm, k_per_split,
     BITS: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    WORDWISE: tl.constexpr,
 ):  # fmt: skip
     # the activation row varies fastest, so the programs of one weight tile run together
     # and the rows after the first read it from L2
@@ -87,9 +77,7 @@ def _gemv_kernel(
     for k0 in range(k_lo, tl.minimum(k_lo + k_per_split, K), BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + rk, mask=rk < K, other=0.0).to(tl.float32)
-        w = _dequantized_tile(
-            qw_ptr, s_ptr, z_ptr, g_ptr, k0, rn, N, K, WORDS, group_size, BITS, HAS_GIDX, BLOCK_K, WORDWISE
-        )
+        w = _dequantized_tile(qw_ptr, s_ptr, z_ptr, g_ptr, k0, rn, N, K, WORDS, group_size, BITS, HAS_GIDX, BLOCK_K)
         acc += tl.sum(w * x[:, None], axis=0)
     tl.store(part_ptr + (split * M + m) * N + rn, acc, mask=rn < N)
 
@@ -98,7 +86,7 @@ def _gemv_kernel(
 def _gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, y_ptr, M, N, K, WORDS, group_size, stride_xm, stride_ym,
     BITS: tl.constexpr, HAS_GIDX: tl.constexpr, FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDWISE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -109,9 +97,7 @@ def _gemm_kernel(
         x = tl.load(
             x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0
         )
-        w = _dequantized_tile(
-            qw_ptr, s_ptr, z_ptr, g_ptr, k0, rn, N, K, WORDS, group_size, BITS, HAS_GIDX, BLOCK_K, WORDWISE
-        )
+        w = _dequantized_tile(qw_ptr, s_ptr, z_ptr, g_ptr, k0, rn, N, K, WORDS, group_size, BITS, HAS_GIDX, BLOCK_K)
         if FP32:
             acc += tl.dot(x, w, input_precision="ieee")
         else:
@@ -123,6 +109,75 @@ def _gemm_kernel(
     )
 
 
+@triton.jit
+def _gemv_words_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, M, N, K, WORDS, group_size, stride_xm, words_per_split,
+    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """GEMV for 2, 4 and 8 bits without g_idx: each packed word is loaded once and its
+    32/BITS codes are taken out by shifts. All codes of a word share a group (the group
+    size is a multiple of 32/BITS), so scale and zero are loaded per word, and
+    y = sum over words of s * (sum_j c_j x_j - z * sum_j x_j)."""
+    PER: tl.constexpr = 32 // BITS
+    m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    acc = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+    w_lo = split * words_per_split
+    for w0 in range(w_lo, tl.minimum(w_lo + words_per_split, WORDS), BLOCK_W):
+        rw = w0 + tl.arange(0, BLOCK_W)
+        mask = (rw < WORDS)[:, None] & nmask[None, :]
+        words = tl.load(qw_ptr + rw[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+        g = (rw * PER) // group_size
+        s = tl.load(s_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.float32)
+        dot = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
+        xs = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        for j in tl.static_range(PER):
+            k = rw * PER + j
+            xj = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            c = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+            dot += c * xj[:, None]
+            xs += xj
+        acc += s * (dot - z * xs[:, None])
+    tl.store(part_ptr + (split * M + m) * N + rn, tl.sum(acc, axis=0), mask=nmask)
+
+
+@triton.jit
+def _gemm_words_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K, WORDS, group_size, stride_xm, stride_ym,
+    BITS: tl.constexpr, FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
+    """GEMM for 2, 4 and 8 bits without g_idx: per tile of BLOCK_W words, code j of every
+    word (input columns w * PER + j) is dequantized and multiplied with those columns of x."""
+    PER: tl.constexpr = 32 // BITS
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask, nmask = rm < M, rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for w0 in range(0, WORDS, BLOCK_W):
+        rw = w0 + tl.arange(0, BLOCK_W)
+        mask = (rw < WORDS)[:, None] & nmask[None, :]
+        words = tl.load(qw_ptr + rw[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+        g = (rw * PER) // group_size
+        s = tl.load(s_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.float32)
+        for j in tl.static_range(PER):
+            k = rw * PER + j
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
+            w = s * (((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32) - z)
+            if FP32:
+                acc += tl.dot(x, w, input_precision="ieee")
+            else:
+                acc += tl.dot(x, w.to(x.dtype))
+    tl.store(
+        y_ptr + rm[:, None] * stride_ym + rn[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=mmask[:, None] & nmask[None, :],
+    )
+
+
 @dataclass(frozen=True)
 class TritonWeight:
     """A QuantizedWeight laid out for the kernels (see the module's docstring)."""
@@ -130,18 +185,32 @@ class TritonWeight:
     qweight: torch.Tensor  # int32 [words, out]
     scales: torch.Tensor  # fp16 [groups, out]
     zeros: torch.Tensor  # uint8 [groups, out]
-    g_idx: torch.Tensor | None  # int32 [in]
+    g_idx: torch.Tensor | None  # int32 [in], only when groups are not runs of group_size after `order`
+    order: torch.Tensor | None  # int64 [in]: the activations' columns in the order of the stored codes
     bits: int
     group_size: int
     in_features: int
 
     @classmethod
     def of(cls, qw: QuantizedWeight, device: torch.device | str) -> TritonWeight:
+        """An act-order weight whose groups all have group_size columns (GPTQ's g_idx) has
+        its columns sorted by group once, here, so that groups are runs; the activations are
+        permuted to match on each call (cheap) and the kernels never read g_idx."""
+        qweight, g_idx, order = qw.qweight, qw.g_idx, None
+        if g_idx is not None:
+            perm = torch.argsort(g_idx.long(), stable=True)
+            runs = torch.arange(qw.in_features) // qw.group_size
+            if torch.equal(g_idx.long()[perm], runs):
+                g_idx = None
+                if not torch.equal(perm, torch.arange(qw.in_features)):
+                    order = perm
+                    qweight = pack(unpack(qw.qweight, qw.bits)[:, perm], qw.bits)
         return cls(
-            qweight=qw.qweight.t().contiguous().to(device),
+            qweight=qweight.t().contiguous().to(device),
             scales=qw.scales.t().contiguous().to(device),
             zeros=qw.zeros.t().contiguous().to(device),
-            g_idx=None if qw.g_idx is None else qw.g_idx.to(device=device, dtype=torch.int32).contiguous(),
+            g_idx=None if g_idx is None else g_idx.to(device=device, dtype=torch.int32).contiguous(),
+            order=None if order is None else order.to(device),
             bits=qw.bits,
             group_size=qw.group_size,
             in_features=qw.in_features,
@@ -151,24 +220,34 @@ class TritonWeight:
     def out_features(self) -> int:
         return self.qweight.shape[1]
 
+    @property
+    def wordwise(self) -> bool:
+        """Whether the *_words kernels apply: whole codes per word, groups as runs of whole words."""
+        per = 32 // self.bits
+        return (
+            self.bits in (2, 4, 8)
+            and self.g_idx is None
+            and (self.group_size % per == 0 or self.group_size >= self.in_features)
+        )
+
 
 @dataclass(frozen=True)
 class GemvConfig:
     block_n: int
-    block_k: int
+    block_k: int  # input columns per tile (a multiple of 32 / bits on the word kernels)
     programs: int  # K is split until about this many programs per activation row
     warps: int = 4
-    wordwise: bool = True
+    words: bool = True  # the word kernel where it applies (else the general one)
 
 
 @dataclass(frozen=True)
 class GemmConfig:
     block_m: int
     block_n: int
-    block_k: int
+    block_k: int  # on the word kernel, at least 16 words (tl.dot's smallest K)
     warps: int = 4
     stages: int = 3
-    wordwise: bool = True
+    words: bool = True
 
 
 def _gemv_config(N: int, K: int) -> GemvConfig:
@@ -196,37 +275,52 @@ def linear(
     `config` overrides the tile sizes (GemvConfig: the GEMV path, GemmConfig: GEMM), for tuning."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
+    if w.order is not None:
+        x2 = x2[:, w.order]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M, K, N = x2.shape[0], w.in_features, w.out_features
     words = w.qweight.shape[0]
+    per = 32 // w.bits
     g_idx = w.g_idx if w.g_idx is not None else w.qweight  # any pointer: not read without g_idx
     if isinstance(config, GemvConfig) or (config is None and M <= GEMV_MAX_ROWS):
         c = config or _gemv_config(N, K)
-        wordwise = c.wordwise and w.bits in (2, 4, 8)
+        wordwise = c.words and w.wordwise and c.block_k % per == 0
         columns = triton.cdiv(N, c.block_n)
         splits = max(1, min(triton.cdiv(K, c.block_k * 2), triton.cdiv(c.programs, columns)))
         k_per_split = triton.cdiv(triton.cdiv(K, splits), c.block_k) * c.block_k
         splits = triton.cdiv(K, k_per_split)
         part = torch.empty(splits, M, N, device=x2.device, dtype=torch.float32)
-        _gemv_kernel[(M, columns, splits)](
-            x2, w.qweight, w.scales, w.zeros, g_idx, part, M, N, K, words, w.group_size, x2.stride(0), k_per_split,
-            BITS=w.bits, HAS_GIDX=w.g_idx is not None, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WORDWISE=wordwise,
-            num_warps=c.warps,
-        )  # fmt: skip
+        grid = (M, columns, splits)
+        if wordwise:
+            _gemv_words_kernel[grid](
+                x2, w.qweight, w.scales, w.zeros, part, M, N, K, words, w.group_size, x2.stride(0),
+                k_per_split // per, BITS=w.bits, BLOCK_N=c.block_n, BLOCK_W=c.block_k // per, num_warps=c.warps,
+            )  # fmt: skip
+        else:
+            _gemv_kernel[grid](
+                x2, w.qweight, w.scales, w.zeros, g_idx, part, M, N, K, words, w.group_size, x2.stride(0),
+                k_per_split, BITS=w.bits, HAS_GIDX=w.g_idx is not None, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                num_warps=c.warps,
+            )  # fmt: skip
         y = part[0] if splits == 1 else part.sum(0)
         y = y.to(x.dtype)
     else:
         c = config or _gemm_config(M)
-        wordwise = c.wordwise and w.bits in (2, 4, 8)
         y = torch.empty(M, N, device=x2.device, dtype=x.dtype)
         grid = (triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))
-        _gemm_kernel[grid](
-            x2, w.qweight, w.scales, w.zeros, g_idx, y, M, N, K, words, w.group_size, x2.stride(0), y.stride(0),
-            BITS=w.bits, HAS_GIDX=w.g_idx is not None, FP32=x.dtype == torch.float32,
-            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, WORDWISE=wordwise,
-            num_warps=c.warps, num_stages=c.stages,
-        )  # fmt: skip
+        if c.words and w.wordwise:
+            _gemm_words_kernel[grid](
+                x2, w.qweight, w.scales, w.zeros, y, M, N, K, words, w.group_size, x2.stride(0), y.stride(0),
+                BITS=w.bits, FP32=x.dtype == torch.float32, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                BLOCK_W=max(16, c.block_k // per), num_warps=c.warps, num_stages=c.stages,  # tl.dot: K >= 16
+            )  # fmt: skip
+        else:
+            _gemm_kernel[grid](
+                x2, w.qweight, w.scales, w.zeros, g_idx, y, M, N, K, words, w.group_size, x2.stride(0), y.stride(0),
+                BITS=w.bits, HAS_GIDX=w.g_idx is not None, FP32=x.dtype == torch.float32,
+                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.warps, num_stages=c.stages,
+            )  # fmt: skip
     if bias is not None:
         y = y + bias.to(device=y.device, dtype=y.dtype)
     return y.reshape(*shape[:-1], N)

@@ -5,6 +5,7 @@ under TRITON_INTERPRET=1 (set by conftest); it is skipped only where it cannot b
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 
@@ -101,14 +102,14 @@ def test_triton_kernels_equal_the_reference(bits: int, group: int, act_order: bo
 
 
 @needs_triton
-@pytest.mark.parametrize(("bits", "wordwise"), [(3, False), (4, False), (4, True), (2, True)])
-def test_triton_split_over_k_tile_shapes_and_bf16(bits: int, wordwise: bool, monkeypatch) -> None:
-    """GEMV with K in 4 ranges and GEMM with small tiles, per-code and word-wise unpacking."""
+@pytest.mark.parametrize(("bits", "words"), [(3, False), (4, False), (4, True), (2, True), (8, True)])
+def test_triton_split_over_k_tile_shapes_and_bf16(bits: int, words: bool, monkeypatch) -> None:
+    """GEMV with K in 4 ranges and GEMM with small tiles, on the general kernels and the word kernels."""
     from kernels import triton_uniform as tu
 
     qw = weight(70, 576, bits, 64, True, 1)
-    monkeypatch.setattr(tu, "_gemv_config", lambda n, k: tu.GemvConfig(32, 64, 4 * 3, wordwise=wordwise))
-    monkeypatch.setattr(tu, "_gemm_config", lambda m: tu.GemmConfig(16, 32, 32, wordwise=wordwise))
+    monkeypatch.setattr(tu, "_gemv_config", lambda n, k: tu.GemvConfig(32, 64, 4 * 3, words=words))
+    monkeypatch.setattr(tu, "_gemm_config", lambda m: tu.GemmConfig(16, 32, 32, words=words))
     layer = QuantLinear(qw, backend="triton").to(DEVICE)
     for rows in (3, 20):
         # Triton's interpreter (3.9) computes tl.dot of bf16 operands wrongly, so bf16 GEMM
@@ -116,6 +117,24 @@ def test_triton_split_over_k_tile_shapes_and_bf16(bits: int, wordwise: bool, mon
         bf16 = (torch.bfloat16,) if rows <= 4 or DEVICE == "cuda" else ()
         for dtype in (torch.float32, *bf16):
             x = torch.randn(rows, 576, dtype=dtype, device=DEVICE)
+            assert_matches(layer(x), qw, x, None)
+
+
+@needs_triton
+def test_triton_act_order_is_laid_out_as_runs_and_an_irregular_g_idx_takes_the_general_path() -> None:
+    from kernels import triton_uniform as tu
+
+    regular = weight(64, 256, 4, 32, True, 5)  # GPTQ's act-order: every group has 32 columns
+    laid = tu.layout(regular, torch.device(DEVICE))
+    assert laid.g_idx is None and laid.order is not None and laid.wordwise
+    g = torch.Generator().manual_seed(6)
+    irregular = dataclasses.replace(regular, g_idx=torch.randint(0, 8, (256,), generator=g, dtype=torch.int32))
+    laid = tu.layout(irregular, torch.device(DEVICE))
+    assert laid.g_idx is not None and not laid.wordwise
+    for qw in (regular, irregular):
+        layer = QuantLinear(qw, backend="triton").to(DEVICE)
+        for rows in (2, 24):
+            x = torch.randn(rows, 256, device=DEVICE)
             assert_matches(layer(x), qw, x, None)
 
 
@@ -177,7 +196,12 @@ def test_bench_kernels_reports_times_and_ratio(capsys) -> None:
 
     assert main(["bench", "kernels", "--shapes", "256x512,512x256", "--batches", "1,16", "--repeat", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].startswith("lamina bench kernels: cpu backend, int4 g128, against the fp32 matmul")
+    want = (
+        "triton backend, int4 g128, against the fp16"
+        if DEVICE == "cuda"
+        else "cpu backend, int4 g128, against the fp32"
+    )
+    assert lines[0].startswith(f"lamina bench kernels: {want} matmul")
     rows = [line.split() for line in lines[2:]]
     assert [(r[0], r[1]) for r in rows] == [("256x512", "1"), ("256x512", "16"), ("512x256", "1"), ("512x256", "16")]
     for r in rows:
