@@ -40,6 +40,10 @@ def gemm_candidates(batch: int) -> list[tu.GemmConfig]:
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def dequant_candidates() -> list[tu.DequantConfig]:
+    return [tu.DequantConfig(k, n, w) for k in (64, 128, 256) for n in (64, 128) for w in (4, 8)]
+
+
 def bench(fn) -> float:
     if DEVICE == "cpu":  # interpreted dry run: one timing
         import time
@@ -52,7 +56,7 @@ def bench(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
 
 
-def tune(shape: str, batch: int, bits: int, group: int, act_order: bool) -> dict:
+def tune(shape: str, batch: int, bits: int, group: int, act_order: bool, quick: bool = False) -> dict:
     out, inp = (int(v) for v in shape.split("x"))
     qw = random_weight(out, inp, bits, group, act_order)
     w = tu.layout(qw, torch.device(DEVICE))
@@ -75,8 +79,16 @@ def tune(shape: str, batch: int, bits: int, group: int, act_order: bool) -> dict
         y = tu.linear(x, w, None, config).float()
         return float((y - want).abs().max() / want.abs().max())
 
-    default = tu._gemv_config(out, inp) if batch <= tu.GEMV_MAX_ROWS else tu._gemm_config(batch)
-    candidates = gemv_candidates() + gemm_candidates(batch) if batch <= tu.GEMV_MAX_ROWS else gemm_candidates(batch)
+    if batch <= tu.GEMV_MAX_ROWS:
+        default = tu._gemv_config(out, inp)
+    else:
+        default = tu._gemm_config(batch) if batch <= tu.GEMM_MAX_ROWS else tu._dequant_config()
+    if quick:  # the default of each path
+        candidates = [tu._gemm_config(batch), tu._dequant_config()] + (
+            [tu._gemv_config(out, inp)] if batch <= 4 else []
+        )
+    else:
+        candidates = (gemv_candidates() if batch <= 4 else []) + gemm_candidates(batch) + dequant_candidates()
     results = []
     for config in [default, *candidates]:
         try:
@@ -110,6 +122,7 @@ def main() -> int:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--act-order", action="store_true")
     p.add_argument("--json", default=None, help="write every measurement here")
+    p.add_argument("--quick", action="store_true", help="only the default configuration of each path")
     args = p.parse_args()
     if DEVICE == "cpu" and not tu.INTERPRETED:
         print("triton_tune: no CUDA GPU (TRITON_INTERPRET=1 for a dry run on tiny shapes)", file=sys.stderr)
@@ -119,13 +132,16 @@ def main() -> int:
     print(f"device {name}, int{args.bits} g{args.group_size} act-order={args.act_order}")
     for shape in args.shapes.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
-            r = tune(shape, batch, args.bits, args.group_size, args.act_order)
+            r = tune(shape, batch, args.bits, args.group_size, args.act_order, args.quick)
             rows.append(r)
             d, b = r["default"], r["best"]
             print(
                 f"{shape:>11} M={batch:<4} default {d['ms']:.4f} ms  best {b['ms']:.4f} ms {b['kind']} {b['config']}"
                 f"  fp16 {r['dense_ms']:.4f} ms  speed-up {r['dense_ms'] / b['ms']:.2f}x"
-                f"  bw {r['bandwidth_best'] or 0:.0%}  bad configs {len(r['errors'])}",
+                f"  bw {r['bandwidth_best'] or 0:.0%}  bad configs {len(r['errors'])}"
+                + "".join(
+                    f"\n      {a['kind']:<13} {a['ms']:.4f} ms  {a['config']}" for a in r["all"][1:] if args.quick
+                ),
                 flush=True,
             )
     if args.json:

@@ -29,7 +29,8 @@ from algorithms.packing import pack, unpack
 from algorithms.types import QuantizedWeight
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-GEMV_MAX_ROWS = 4
+GEMV_MAX_ROWS = 2  # measured on H200 (benchmarks/triton_tune.py): GEMV up to here,
+GEMM_MAX_ROWS = 16  # the fused GEMM up to here, then dequantize + torch's matmul
 
 
 @triton.jit
@@ -178,6 +179,48 @@ def _gemm_words_kernel(
     )
 
 
+@triton.jit
+def _dequantize_kernel(
+    qw_ptr, s_ptr, z_ptr, g_ptr, out_ptr, N, K, WORDS, group_size,
+    BITS: tl.constexpr, HAS_GIDX: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """W^T [K, N] in out's dtype, through the general tile (any bits, any g_idx)."""
+    pid_k, pid_n = tl.program_id(0), tl.program_id(1)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    w = _dequantized_tile(
+        qw_ptr, s_ptr, z_ptr, g_ptr, pid_k * BLOCK_K, rn, N, K, WORDS, group_size, BITS, HAS_GIDX, BLOCK_K
+    )
+    mask = (rk < K)[:, None] & (rn < N)[None, :]
+    tl.store(out_ptr + rk[:, None] * N + rn[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequantize_words_kernel(
+    qw_ptr, s_ptr, z_ptr, out_ptr, N, K, WORDS, group_size,
+    BITS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """W^T [K, N] in out's dtype, a word at a time (2, 4 and 8 bits without g_idx)."""
+    PER: tl.constexpr = 32 // BITS
+    pid_w, pid_n = tl.program_id(0), tl.program_id(1)
+    rw = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = rn < N
+    mask = (rw < WORDS)[:, None] & nmask[None, :]
+    words = tl.load(qw_ptr + rw[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+    g = (rw * PER) // group_size
+    s = tl.load(s_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.float32)
+    for j in tl.static_range(PER):
+        k = rw * PER + j
+        w = s * (((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32) - z)
+        tl.store(
+            out_ptr + k[:, None] * N + rn[None, :],
+            w.to(out_ptr.dtype.element_ty),
+            mask=(k < K)[:, None] & nmask[None, :],
+        )
+
+
 @dataclass(frozen=True)
 class TritonWeight:
     """A QuantizedWeight laid out for the kernels (see the module's docstring)."""
@@ -198,13 +241,13 @@ class TritonWeight:
         permuted to match on each call (cheap) and the kernels never read g_idx."""
         qweight, g_idx, order = qw.qweight, qw.g_idx, None
         if g_idx is not None:
-            perm = torch.argsort(g_idx.long(), stable=True)
-            runs = torch.arange(qw.in_features) // qw.group_size
-            if torch.equal(g_idx.long()[perm], runs):
+            g_idx = g_idx.cpu().long()  # the layout is worked out on CPU, once
+            perm = torch.argsort(g_idx, stable=True)
+            if torch.equal(g_idx[perm], torch.arange(qw.in_features) // qw.group_size):
                 g_idx = None
                 if not torch.equal(perm, torch.arange(qw.in_features)):
                     order = perm
-                    qweight = pack(unpack(qw.qweight, qw.bits)[:, perm], qw.bits)
+                    qweight = pack(unpack(qw.qweight.cpu(), qw.bits)[:, perm], qw.bits)
         return cls(
             qweight=qweight.t().contiguous().to(device),
             scales=qw.scales.t().contiguous().to(device),
@@ -250,77 +293,131 @@ class GemmConfig:
     words: bool = True
 
 
+@dataclass(frozen=True)
+class DequantConfig:
+    """Large batches: dequantize W^T once per call into the activations' dtype, then torch's matmul."""
+
+    block_k: int = 128
+    block_n: int = 64
+    warps: int = 4
+    words: bool = True
+
+
 def _gemv_config(N: int, K: int) -> GemvConfig:
-    """On a GPU enough programs to fill it; interpreted, few and large programs (the
-    interpreter's cost grows with their number)."""
+    """On a GPU enough programs to fill it (measured best on H200 over the 70B shapes);
+    interpreted, few and large programs (the interpreter's cost grows with their number)."""
     if INTERPRETED:
         return GemvConfig(128, 128, 1)
-    return GemvConfig(64, 128, 1024)
+    return GemvConfig(32, 256, 4096)
 
 
 def _gemm_config(M: int) -> GemmConfig:
     if INTERPRETED:
         return GemmConfig(128, 128, 128)
-    return GemmConfig(64 if M > 32 else 16, 128, 64)
+    return GemmConfig(16, 64, 256, warps=4, stages=3)
+
+
+def _dequant_config() -> DequantConfig:
+    return DequantConfig(128, 128) if INTERPRETED else DequantConfig()
 
 
 def layout(qw: QuantizedWeight, device: torch.device) -> TritonWeight:
     return TritonWeight.of(qw, device)
 
 
+def dequantize(w: TritonWeight, dtype: torch.dtype, config: DequantConfig | None = None) -> torch.Tensor:
+    """W^T [in, out] in `dtype` (in the order of the stored codes, see TritonWeight.order)."""
+    c = config or _dequant_config()
+    K, N = w.in_features, w.out_features
+    words = w.qweight.shape[0]
+    per = 32 // w.bits
+    out = torch.empty(K, N, device=w.qweight.device, dtype=dtype)
+    if c.words and w.wordwise and c.block_k % per == 0:
+        block_w = c.block_k // per
+        _dequantize_words_kernel[(triton.cdiv(words, block_w), triton.cdiv(N, c.block_n))](
+            w.qweight, w.scales, w.zeros, out, N, K, words, w.group_size,
+            BITS=w.bits, BLOCK_W=block_w, BLOCK_N=c.block_n, num_warps=c.warps,
+        )  # fmt: skip
+    else:
+        g_idx = w.g_idx if w.g_idx is not None else w.qweight  # any pointer: not read without g_idx
+        _dequantize_kernel[(triton.cdiv(K, c.block_k), triton.cdiv(N, c.block_n))](
+            w.qweight, w.scales, w.zeros, g_idx, out, N, K, words, w.group_size,
+            BITS=w.bits, HAS_GIDX=w.g_idx is not None, BLOCK_K=c.block_k, BLOCK_N=c.block_n, num_warps=c.warps,
+        )  # fmt: skip
+    return out
+
+
+def _gemv(x2: torch.Tensor, w: TritonWeight, c: GemvConfig) -> torch.Tensor:
+    M, K, N = x2.shape[0], w.in_features, w.out_features
+    words, per = w.qweight.shape[0], 32 // w.bits
+    columns = triton.cdiv(N, c.block_n)
+    splits = max(1, min(triton.cdiv(K, c.block_k * 2), triton.cdiv(c.programs, columns)))
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), c.block_k) * c.block_k
+    splits = triton.cdiv(K, k_per_split)
+    part = torch.empty(splits, M, N, device=x2.device, dtype=torch.float32)
+    grid = (M, columns, splits)
+    if c.words and w.wordwise and c.block_k % per == 0:
+        _gemv_words_kernel[grid](
+            x2, w.qweight, w.scales, w.zeros, part, M, N, K, words, w.group_size, x2.stride(0),
+            k_per_split // per, BITS=w.bits, BLOCK_N=c.block_n, BLOCK_W=c.block_k // per, num_warps=c.warps,
+        )  # fmt: skip
+    else:
+        g_idx = w.g_idx if w.g_idx is not None else w.qweight
+        _gemv_kernel[grid](
+            x2, w.qweight, w.scales, w.zeros, g_idx, part, M, N, K, words, w.group_size, x2.stride(0),
+            k_per_split, BITS=w.bits, HAS_GIDX=w.g_idx is not None, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+            num_warps=c.warps,
+        )  # fmt: skip
+    return (part[0] if splits == 1 else part.sum(0)).to(x2.dtype)
+
+
+def _gemm(x2: torch.Tensor, w: TritonWeight, c: GemmConfig) -> torch.Tensor:
+    M, K, N = x2.shape[0], w.in_features, w.out_features
+    words, per = w.qweight.shape[0], 32 // w.bits
+    y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    grid = (triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))
+    fp32 = x2.dtype == torch.float32
+    if c.words and w.wordwise:
+        _gemm_words_kernel[grid](
+            x2, w.qweight, w.scales, w.zeros, y, M, N, K, words, w.group_size, x2.stride(0), y.stride(0),
+            BITS=w.bits, FP32=fp32, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+            BLOCK_W=max(16, c.block_k // per), num_warps=c.warps, num_stages=c.stages,  # tl.dot: K >= 16
+        )  # fmt: skip
+    else:
+        g_idx = w.g_idx if w.g_idx is not None else w.qweight
+        _gemm_kernel[grid](
+            x2, w.qweight, w.scales, w.zeros, g_idx, y, M, N, K, words, w.group_size, x2.stride(0), y.stride(0),
+            BITS=w.bits, HAS_GIDX=w.g_idx is not None, FP32=fp32,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.warps, num_stages=c.stages,
+        )  # fmt: skip
+    return y
+
+
 def linear(
-    x: torch.Tensor, w: TritonWeight, bias: torch.Tensor | None, config: GemvConfig | GemmConfig | None = None
+    x: torch.Tensor,
+    w: TritonWeight,
+    bias: torch.Tensor | None,
+    config: GemvConfig | GemmConfig | DequantConfig | None = None,
 ) -> torch.Tensor:
     """x [..., in] (fp16, bf16 or fp32, on the weight's device) -> [..., out] in x's dtype.
-    `config` overrides the tile sizes (GemvConfig: the GEMV path, GemmConfig: GEMM), for tuning."""
+    Up to GEMV_MAX_ROWS activation rows: GEMV; up to GEMM_MAX_ROWS: the fused GEMM; more:
+    dequantize, then torch's matmul. `config` picks the path and its tiles (for tuning)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if w.order is not None:
         x2 = x2[:, w.order]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    M, K, N = x2.shape[0], w.in_features, w.out_features
-    words = w.qweight.shape[0]
-    per = 32 // w.bits
-    g_idx = w.g_idx if w.g_idx is not None else w.qweight  # any pointer: not read without g_idx
-    if isinstance(config, GemvConfig) or (config is None and M <= GEMV_MAX_ROWS):
-        c = config or _gemv_config(N, K)
-        wordwise = c.words and w.wordwise and c.block_k % per == 0
-        columns = triton.cdiv(N, c.block_n)
-        splits = max(1, min(triton.cdiv(K, c.block_k * 2), triton.cdiv(c.programs, columns)))
-        k_per_split = triton.cdiv(triton.cdiv(K, splits), c.block_k) * c.block_k
-        splits = triton.cdiv(K, k_per_split)
-        part = torch.empty(splits, M, N, device=x2.device, dtype=torch.float32)
-        grid = (M, columns, splits)
-        if wordwise:
-            _gemv_words_kernel[grid](
-                x2, w.qweight, w.scales, w.zeros, part, M, N, K, words, w.group_size, x2.stride(0),
-                k_per_split // per, BITS=w.bits, BLOCK_N=c.block_n, BLOCK_W=c.block_k // per, num_warps=c.warps,
-            )  # fmt: skip
-        else:
-            _gemv_kernel[grid](
-                x2, w.qweight, w.scales, w.zeros, g_idx, part, M, N, K, words, w.group_size, x2.stride(0),
-                k_per_split, BITS=w.bits, HAS_GIDX=w.g_idx is not None, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
-                num_warps=c.warps,
-            )  # fmt: skip
-        y = part[0] if splits == 1 else part.sum(0)
-        y = y.to(x.dtype)
+    M = x2.shape[0]
+    if config is None:
+        config = _gemv_config(w.out_features, w.in_features) if M <= GEMV_MAX_ROWS else None
+        config = config or (_gemm_config(M) if M <= GEMM_MAX_ROWS else _dequant_config())
+    if isinstance(config, GemvConfig):
+        y = _gemv(x2, w, config)
+    elif isinstance(config, GemmConfig):
+        y = _gemm(x2, w, config)
     else:
-        c = config or _gemm_config(M)
-        y = torch.empty(M, N, device=x2.device, dtype=x.dtype)
-        grid = (triton.cdiv(M, c.block_m), triton.cdiv(N, c.block_n))
-        if c.words and w.wordwise:
-            _gemm_words_kernel[grid](
-                x2, w.qweight, w.scales, w.zeros, y, M, N, K, words, w.group_size, x2.stride(0), y.stride(0),
-                BITS=w.bits, FP32=x.dtype == torch.float32, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                BLOCK_W=max(16, c.block_k // per), num_warps=c.warps, num_stages=c.stages,  # tl.dot: K >= 16
-            )  # fmt: skip
-        else:
-            _gemm_kernel[grid](
-                x2, w.qweight, w.scales, w.zeros, g_idx, y, M, N, K, words, w.group_size, x2.stride(0), y.stride(0),
-                BITS=w.bits, HAS_GIDX=w.g_idx is not None, FP32=x.dtype == torch.float32,
-                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.warps, num_stages=c.stages,
-            )  # fmt: skip
+        y = x2 @ dequantize(w, x2.dtype, config)
     if bias is not None:
         y = y + bias.to(device=y.device, dtype=y.dtype)
-    return y.reshape(*shape[:-1], N)
+    return y.reshape(*shape[:-1], w.out_features)

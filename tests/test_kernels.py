@@ -94,30 +94,33 @@ def test_triton_kernels_equal_the_reference(bits: int, group: int, act_order: bo
     qw = weight(out, inp, bits, group, act_order, bits)
     bias = torch.randn(out)
     layer = QuantLinear(qw, bias, backend="triton").to(DEVICE)
-    for rows in (1, 4, 5, 33):  # GEMV up to 4 rows, GEMM beyond
-        dtypes = (torch.float32, torch.float16) if rows in (1, 33) else (torch.float32,)
-        for dtype in dtypes:
+    for rows in (1, 3, 17):  # GEMV, fused GEMM, dequantize + matmul
+        for dtype in (torch.float32, torch.float16):
             x = torch.randn(rows, inp, dtype=dtype, device=DEVICE)
             assert_matches(layer(x), qw, x, bias)
 
 
 @needs_triton
 @pytest.mark.parametrize(("bits", "words"), [(3, False), (4, False), (4, True), (2, True), (8, True)])
-def test_triton_split_over_k_tile_shapes_and_bf16(bits: int, words: bool, monkeypatch) -> None:
-    """GEMV with K in 4 ranges and GEMM with small tiles, on the general kernels and the word kernels."""
+def test_triton_paths_with_small_tiles_split_k_and_bf16(bits: int, words: bool) -> None:
+    """Each path (GEMV with K in 4 ranges, fused GEMM, dequantize + matmul) with small
+    tiles, on the general kernels and the word kernels."""
     from kernels import triton_uniform as tu
 
     qw = weight(70, 576, bits, 64, True, 1)
-    monkeypatch.setattr(tu, "_gemv_config", lambda n, k: tu.GemvConfig(32, 64, 4 * 3, words=words))
-    monkeypatch.setattr(tu, "_gemm_config", lambda m: tu.GemmConfig(16, 32, 32, words=words))
-    layer = QuantLinear(qw, backend="triton").to(DEVICE)
-    for rows in (3, 20):
-        # Triton's interpreter (3.9) computes tl.dot of bf16 operands wrongly, so bf16 GEMM
-        # is checked on a GPU only
-        bf16 = (torch.bfloat16,) if rows <= 4 or DEVICE == "cuda" else ()
+    w = tu.layout(qw, torch.device(DEVICE))
+    configs = (
+        tu.GemvConfig(32, 64, 4 * 3, words=words),
+        tu.GemmConfig(16, 32, 32, words=words),
+        tu.DequantConfig(64, 32, words=words),
+    )
+    for config in configs:
+        # Triton's interpreter (3.9) computes tl.dot of bf16 operands wrongly, so bf16
+        # through the fused GEMM is checked on a GPU only
+        bf16 = () if isinstance(config, tu.GemmConfig) and DEVICE != "cuda" else (torch.bfloat16,)
         for dtype in (torch.float32, *bf16):
-            x = torch.randn(rows, 576, dtype=dtype, device=DEVICE)
-            assert_matches(layer(x), qw, x, None)
+            x = torch.randn(3, 576, dtype=dtype, device=DEVICE)
+            assert_matches(tu.linear(x, w, None, config), qw, x, None)
 
 
 @needs_triton
@@ -133,7 +136,7 @@ def test_triton_act_order_is_laid_out_as_runs_and_an_irregular_g_idx_takes_the_g
     assert laid.g_idx is not None and not laid.wordwise
     for qw in (regular, irregular):
         layer = QuantLinear(qw, backend="triton").to(DEVICE)
-        for rows in (2, 24):
+        for rows in (2, 8, 24):
             x = torch.randn(rows, 256, device=DEVICE)
             assert_matches(layer(x), qw, x, None)
 
