@@ -385,10 +385,13 @@ def _gemm(x2: torch.Tensor, w: TritonWeight, c: GemmConfig) -> torch.Tensor:
         )  # fmt: skip
     else:
         g_idx = w.g_idx if w.g_idx is not None else w.qweight
+        # the general tile keeps a word, scale and zero per code: past 64 input columns a
+        # tile ran out of shared memory on H200 (3 bits, 3 stages)
+        block_k = c.block_k if INTERPRETED else min(c.block_k, 64)
         _gemm_kernel[grid](
             x2, w.qweight, w.scales, w.zeros, g_idx, y, M, N, K, words, w.group_size, x2.stride(0), y.stride(0),
             BITS=w.bits, HAS_GIDX=w.g_idx is not None, FP32=fp32,
-            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.warps, num_stages=c.stages,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=block_k, num_warps=c.warps, num_stages=c.stages,
         )  # fmt: skip
     return y
 
