@@ -81,3 +81,24 @@ def token_stream(*, uri: str, pattern: str, tokenizer: PreTrainedTokenizerBase, 
 def sequences(stream: np.ndarray, *, count: int, length: int) -> np.ndarray:
     """Consecutive non-overlapping sequences: [count, length]."""
     return stream[: count * length].reshape(count, length)
+
+
+def files_of(uri: str, pattern: str) -> list[str]:
+    """The URIs of the text files a source resolves to, sorted."""
+    return [f"{loc.uri.rstrip('/')}/{name}" for loc, name in _files(uri, pattern)]
+
+
+def duplicate_ratio(seqs: np.ndarray) -> float:
+    """Share of sequences ([count, length]) that repeat an earlier one exactly."""
+    unique = np.unique(seqs, axis=0).shape[0]
+    return 1 - unique / seqs.shape[0]
+
+
+def ngram_overlap(text: np.ndarray, other: np.ndarray, n: int) -> float:
+    """Share of the n-grams of `text` (token ids) that also occur in `other`: 0 for
+    held-out text, about 1 for text copied from `other`."""
+    if text.size < n or other.size < n:
+        return 0.0
+    seen = {other[i : i + n].tobytes() for i in range(other.size - n + 1)}
+    grams = [text[i : i + n].tobytes() for i in range(text.size - n + 1)]
+    return sum(g in seen for g in grams) / len(grams)

@@ -186,6 +186,7 @@ class Run:
             blocks=len(self.plan.blocks),
             finished=sorted(done),
             workers=[w.name for w in self.workers],
+            calibration_qa=self.plan.calibration_qa,
         )
         return [b for b in self.plan.blocks if b.index not in done]
 
@@ -274,7 +275,7 @@ class Run:
     def tasks(self, block: BlockPlan) -> list[SolveTask]:
         return [t for lin in block.linears for t in lin.pieces(self.plan.recipe.scheme.solve_rows)]
 
-    def block(self, block: BlockPlan) -> tuple[FileRecord, list[str]]:
+    def block(self, block: BlockPlan) -> tuple[FileRecord, list[str], dict[str, float]]:
         """Quantize one block and write its shard into staging.
 
         Per stage: calibrate the stage's groups on the block as quantized so far, solve its
@@ -304,7 +305,10 @@ class Run:
             propagated += [r.forward.remote() for r in self.runners]
         return self.timed("write+propagate", [written, *propagated])[0]
 
-    def finished(self, block: BlockPlan, record: FileRecord, names: list[str], before: dict, writer: str) -> None:
+    def finished(
+        self, block: BlockPlan, written: tuple[FileRecord, list[str], dict[str, float]], before: dict, writer: str
+    ) -> None:
+        record, names, errors = written
         self.record(record, names)
         seconds = {k: round(v - before[k], 3) for k, v in self.report.seconds.items() if v != before[k]}
         journal.block_done(self.output, self.run_id, block.index, record, tensors=sorted(names), seconds=seconds)
@@ -314,6 +318,7 @@ class Run:
             seconds=seconds,
             bytes=record.size,
             sha256=record.sha256,
+            error={k: round(v, 8) for k, v in errors.items()},
             writer=writer,
             workers=[w.name for w in self.workers],
         )
@@ -324,8 +329,8 @@ class Run:
         for block in todo:
             before = dict(self.report.seconds)
             self.events.emit("block_started", block=block.index, workers=[w.name for w in self.workers])
-            record, names = self.attempt(f"block {block.index}", block.index, lambda block=block: self.block(block))
-            self.finished(block, record, names, before, self.workers[0].name)
+            written = self.attempt(f"block {block.index}", block.index, lambda block=block: self.block(block))
+            self.finished(block, written, before, self.workers[0].name)
             bar.update()
             took = sum(v - before[k] for k, v in self.report.seconds.items())
             bar.set_postfix_str(f"block {block.index}: {took:.1f} s")
@@ -362,10 +367,10 @@ class Run:
         while pending:
             ready, _ = self.ray.wait(list(pending), num_returns=1)
             block, w = pending.pop(ready[0])
-            record, names = cluster.get(self.ray, ready[0])
+            written = cluster.get(self.ray, ready[0])
             self.report.seconds["solve"] += time.perf_counter() - start
             start = time.perf_counter()
-            self.finished(block, record, names, before, w.name)
+            self.finished(block, written, before, w.name)
             before = dict(self.report.seconds)
             left.remove(block)
             bar.update()

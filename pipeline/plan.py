@@ -4,6 +4,7 @@ output location; refuses what cannot run with one line that names the problem.""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -11,7 +12,7 @@ import numpy as np
 from algorithms import NEEDS_HESSIAN
 from algorithms.packing import codes_per_run
 from pipeline.architectures import layout_for
-from pipeline.data import load_tokenizer, sequences, token_stream
+from pipeline.data import duplicate_ratio, files_of, load_tokenizer, sequences, token_stream
 from pipeline.errors import LaminaError
 from pipeline.recipe import Recipe
 from storage import StorageError
@@ -19,6 +20,8 @@ from storage.checkpoint import Checkpoint
 from storage.fs import open_location
 from storage.manifest import MANIFEST
 from workers.layout import BlockLayout
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class Plan:
     source_bytes: int
     fingerprint: str
     calibration: np.ndarray | None  # token ids [samples, seq_len], None when not needed
+    calibration_qa: dict | None = None  # what calibration_qa found (logged in the run's events)
 
     @property
     def needs_calibration(self) -> bool:
@@ -171,6 +175,33 @@ def _calibration(recipe: Recipe) -> np.ndarray | None:
     return sequences(stream, count=cal.samples, length=cal.seq_len)
 
 
+def calibration_qa(recipe: Recipe, seqs: np.ndarray) -> dict:
+    """Before any compute: the calibration set is as long as asked (token_stream refuses a
+    short one), not mostly duplicates, and shares no file with the eval text; a
+    calibration and eval read from the same source URI is worth a warning."""
+    cal = recipe.calibration
+    dup = duplicate_ratio(seqs)
+    if dup > cal.max_duplicate_ratio:
+        raise LaminaError(
+            f"calibration: {dup:.0%} of the {len(seqs)} sequences of {cal.seq_len} tokens repeat another "
+            f"(calibration.max_duplicate_ratio is {cal.max_duplicate_ratio:g}); use more varied text"
+        )
+    if dup:
+        log.warning("calibration: %.1f%% of the %d sequences are duplicates", 100 * dup, len(seqs))
+    qa = {"requested_tokens": cal.tokens, "tokens": int(seqs.size), "duplicate_ratio": round(dup, 6)}
+    if recipe.eval is not None:
+        shared = sorted(set(files_of(cal.source, cal.glob)) & set(files_of(recipe.eval.source, recipe.eval.glob)))
+        if shared:
+            raise LaminaError(
+                f"calibration and eval share {len(shared)} file(s), e.g. {shared[0]}: the eval text must be "
+                "held out (change calibration.glob or eval.glob)"
+            )
+        qa["same_source"] = cal.source.rstrip("/") == recipe.eval.source.rstrip("/")
+        if qa["same_source"]:
+            log.warning("calibration and eval read the same source %s (different files): is it held out?", cal.source)
+    return qa
+
+
 def make_plan(recipe: Recipe) -> Plan:
     """Check the source, the scheme against every layer, the output and the calibration data."""
     fp = recipe.calibration is not None and recipe.calibration.propagation == "fp"
@@ -194,6 +225,7 @@ def make_plan(recipe: Recipe) -> Plan:
         raise LaminaError(f"output {output.uri} already holds a published artifact; choose a new output URI")
     _check_exports(recipe)
     block_names = {n for b in blocks for n in source.names(layout.block(b.index))}
+    calibration = _calibration(recipe)
     return Plan(
         recipe=recipe,
         source_uri=source.uri,
@@ -204,5 +236,6 @@ def make_plan(recipe: Recipe) -> Plan:
         side_files=tuple(source.side_files()),
         source_bytes=source.total_bytes,
         fingerprint=source.fingerprint,
-        calibration=_calibration(recipe),
+        calibration=calibration,
+        calibration_qa=None if calibration is None else calibration_qa(recipe, calibration),
     )

@@ -32,6 +32,9 @@ class Calibration(TextData):
     samples: int = Field(64, ge=1)
     seq_len: int = Field(512, ge=16, le=65536)
     chunk_size: int = Field(8, ge=1, description="sequences per chunk, the unit of data parallelism")
+    max_duplicate_ratio: float = Field(
+        0.5, ge=0, le=1, description="refuse a calibration set with a larger share of duplicate sequences"
+    )
     propagation: Literal["quantized", "fp"] = Field(
         "quantized",
         description="inputs of block i+1: the outputs of quantized block i (sequential), or of the "
@@ -49,14 +52,44 @@ class Calibration(TextData):
 
 class EvalData(TextData):
     tokens: int = Field(16384, ge=2)
-    window: int = Field(1024, ge=2)
+    window: int = Field(1024, ge=2, description="the short context: non-overlapping windows of this many tokens")
+    long_window: int = Field(
+        0,
+        ge=0,
+        description="the long context: 0 = the model's max_position_embeddings, capped by `tokens`; "
+        "equal to `window` = one context only",
+    )
     kernel: Literal["auto", "reference", "cpu", "triton"] = Field(
         "auto", description="the low-bit kernel the eval runs quantized linears through; auto: the best available"
+    )
+    kl_top_k: int = Field(
+        256,
+        ge=0,
+        description="the reference's next-token distribution is kept as its top k log-probs plus the tail's "
+        "mass (KL over those k+1 outcomes, a lower bound of the full KL); 0: the whole vocabulary (exact)",
+    )
+    reference_cache: str | None = Field(
+        None,
+        description="URI of the cache of the reference's scores (by source fingerprint and eval tokens); "
+        "default: .lamina-cache/reference beside the evaluated artifact",
     )
 
     @property
     def windows(self) -> int:
         return self.tokens // self.window
+
+
+class Gates(Strict):
+    """Release gates: `lamina release` publishes only when every gate set here passes.
+    Measured at the short context against the recipe's source model."""
+
+    max_ppl_increase: float | None = Field(None, ge=0, description="perplexity / source perplexity - 1, e.g. 0.03")
+    max_kl: float | None = Field(None, ge=0, description="mean KL(source || quantized) per token, nats")
+    min_top1: float | None = Field(None, ge=0, le=1, description="share of tokens whose argmax agrees")
+    max_rare_nll_increase: float | None = Field(
+        None, ge=0, description="mean NLL increase (nats) on the rarest-token decile"
+    )
+    max_long_ppl_increase: float | None = Field(None, ge=0, description="max_ppl_increase at the long context")
 
 
 class Scheme(Strict):
@@ -150,6 +183,7 @@ class Recipe(Strict):
     calibration: Calibration | None = None
     scheme: Scheme = Scheme()
     eval: EvalData | None = None
+    gates: Gates | None = Field(None, description="what `lamina release` requires of the eval before publishing")
     export: list[Export] = Field(default_factory=list, description="written after the artifact is published")
     resources: Resources = Resources()
     storage: dict[str, dict[str, Any]] = Field(
@@ -171,7 +205,10 @@ class Recipe(Strict):
     def hash(self) -> str:
         """sha256 of everything that determines the artifact's bytes (not where it is
         written, with what resources, how storage is reached, how it is evaluated or exported)."""
-        doc = self.model_dump(mode="json", exclude={"output", "resources", "eval", "storage", "export"})
+        skip = {"output", "resources", "eval", "gates", "storage", "export"}
+        doc = self.model_dump(mode="json", exclude={*skip, "calibration"})
+        if self.calibration is not None:  # how much duplication to tolerate does not change the bytes
+            doc["calibration"] = self.calibration.model_dump(mode="json", exclude={"max_duplicate_ratio"})
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 

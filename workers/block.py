@@ -23,6 +23,7 @@ from algorithms import PREPARERS, QUANTIZERS, GPTQConfig, QuantizedWeight, Unifo
 from algorithms.hessian import input_gram
 from kernels import QuantLinear, choose
 from kernels.backends import Requested
+from kernels.reference import dequantize
 from storage.checkpoint import Checkpoint
 from storage.fs import open_location
 from storage.options import configure
@@ -89,6 +90,67 @@ def join_rows(solved: tuple[list[Piece], ...]) -> dict[str, Arrays]:
     return out
 
 
+SCORE_ROWS = 1024  # predicted tokens whose log-probs are held at once
+ERROR_ROWS = 256  # rows of each solved piece on which its error is measured (70B: ~1% of the solve)
+
+
+def weighted_error(W: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor | None) -> np.ndarray:
+    """[tr(D H D^T), tr(W H W^T)] with D = W - dequantized, on every k-th row (at most
+    ERROR_ROWS of them); the identity for H when there is none (RTN)."""
+    step = max(1, W.shape[0] // ERROR_ROWS)
+    Ws = W[::step].float()  # [rows / step, in]
+    D = Ws - dequantize(qw)[::step]  # [rows / step, in]
+    if H is None:
+        return np.array([float((D * D).sum()), float((Ws * Ws).sum())])
+    H = H.float()
+    return np.array([float(((D @ H) * D).sum()), float(((Ws @ H) * Ws).sum())])
+
+
+def relative_errors(solved: tuple[list[Piece], ...]) -> dict[str, float]:
+    """Each linear's tr(D H D^T) / tr(W H W^T), over the rows measured in all its pieces."""
+    sums: dict[str, np.ndarray] = {}
+    for part in solved:
+        for linear, _, arrays in part:
+            sums[linear] = sums.get(linear, 0) + arrays["error"]
+    return {linear: float(num / den) if den else 0.0 for linear, (num, den) in sorted(sums.items())}
+
+
+def token_scores(logp: torch.Tensor, target: torch.Tensor, *, top_k: int | None, reference: Arrays | None) -> Arrays:
+    """Per predicted token, from its log-probs [rows, vocab] and the tokens that came
+    [rows]: "nll"; with top_k, the reference's kept distribution ("logp" [rows, vocab]
+    when top_k = 0, else "top_logp" and "top_idx" [rows, k]); with `reference` (those
+    arrays of the reference model), "kl" = KL(reference || this model) over the kept
+    outcomes plus the tail's mass, and "top1" = whether both argmaxes agree."""
+    out = {"nll": (-logp.gather(1, target[:, None])[:, 0]).double().numpy()}
+    if top_k == 0:
+        out["logp"] = logp.numpy()
+    elif top_k is not None:
+        top = logp.topk(top_k, dim=-1)
+        out["top_logp"], out["top_idx"] = top.values.numpy(), top.indices.to(torch.int32).numpy()
+    if reference is not None:
+        out["kl"], out["top1"] = kl_and_top1(logp, reference)
+    return out
+
+
+def kl_and_top1(logp: torch.Tensor, reference: Arrays) -> tuple[np.ndarray, np.ndarray]:
+    """KL(P || Q) per row, P the reference's kept distribution, Q = exp(logp) [rows, vocab].
+    With the reference's top k (ids I, log-probs log p_I) the outcomes are the k tokens and
+    "any other token", whose masses are 1 - sum p_I and 1 - sum q_I: a lower bound of the
+    full KL (merging outcomes never raises it), equal to it when the tail is empty."""
+    if "logp" in reference:  # the whole vocabulary
+        ref = torch.from_numpy(reference["logp"]).double()  # [rows, vocab]
+        kl = (ref.exp() * (ref - logp.double())).sum(-1)
+        return kl.numpy(), (logp.argmax(-1) == ref.argmax(-1)).numpy()
+    ref = torch.from_numpy(reference["top_logp"]).double()  # [rows, k]
+    idx = torch.from_numpy(reference["top_idx"]).long()  # [rows, k]
+    q = logp.gather(1, idx).double()  # [rows, k]
+    p_tail = (1 - ref.exp().sum(-1)).clamp(min=0)  # [rows]
+    q_tail = (1 - q.exp().sum(-1)).clamp(min=1e-300)  # [rows]
+    tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp(min=1e-300).log() - q_tail.log()), 0)
+    kl = (ref.exp() * (ref - q)).sum(-1) + tail
+    return kl.numpy(), (logp.argmax(-1) == idx[:, 0]).numpy()
+
+
 def peak_rss() -> int:
     """This process's peak resident memory in bytes: VmHWM, which starts afresh at exec
     (ru_maxrss keeps the peak of the process that forked it), else ru_maxrss."""
@@ -123,19 +185,25 @@ class BlockRunner:
         if kernel is not None:
             choose(kernel, "cpu")  # a forced kernel that cannot run here fails before any work
         configure(storage or {}, resolved=True)
-        self.checkpoint = Checkpoint(model_uri)
         self.layout = layout
-        self.config = model_config(self.checkpoint.config)
         self.modeling = layout.module()
-        self.rotary = getattr(self.modeling, layout.rotary_class)(self.config)
-        qc = self.checkpoint.config.get("quantization_config") or {}
-        self.stored_bits, self.stored_group = qc.get("bits", 0), qc.get("group_size", 0)
+        self.reopen(model_uri)
         self.tokens: dict[int, np.ndarray] = {}  # chunk id -> token ids [seqs, T]
         self.hidden: dict[int, torch.Tensor] = {}  # chunk id -> [seqs, T, hidden]
         self.at = 0  # the block whose inputs `hidden` holds
         self.layer: nn.Module | None = None
         self.raw: dict[str, torch.Tensor] = {}  # the loaded block's stored tensors, by local name
         self.index = -1
+
+    def reopen(self, model_uri: str) -> None:
+        """Read blocks from another checkpoint of the same architecture from now on (eval:
+        the source's reference pass, then the artifact's, in the same workers)."""
+        self.checkpoint = Checkpoint(model_uri)
+        self.config = model_config(self.checkpoint.config)
+        self.rotary = getattr(self.modeling, self.layout.rotary_class)(self.config)
+        qc = self.checkpoint.config.get("quantization_config") or {}
+        self.stored_bits, self.stored_group = qc.get("bits", 0), qc.get("group_size", 0)
+        self.layer, self.raw, self.index = None, {}, -1
 
     # ---- inputs -------------------------------------------------------------------
     def kernel_backend(self) -> str | None:
@@ -307,7 +375,8 @@ class BlockRunner:
             H = None if hessians is None else torch.from_numpy(hessians[group]) / tokens
             if H is not None and algorithm in PREPARERS and group not in prepared:
                 prepared = {group: PREPARERS[algorithm](H, options)}
-            out.append((linear, first, to_arrays(QUANTIZERS[algorithm](W, H, scheme, options, prepared.get(group)))))
+            qw = QUANTIZERS[algorithm](W, H, scheme, options, prepared.get(group))
+            out.append((linear, first, {**to_arrays(qw), "error": weighted_error(W, qw, H)}))
             log.debug("block %d %s rows %d:%d quantized", self.index, linear, first, last)
         return out
 
@@ -329,14 +398,15 @@ class BlockRunner:
         self.hidden = {c: self._run(h) for c, h in self.hidden.items()}
         self.at = self.index + 1
 
-    def write_block(self, uri: str, file: str, *solved: list[Piece]) -> tuple[FileRecord, list[str]]:
-        """Write the loaded block with its solved linears as one safetensors shard."""
+    def write_block(self, uri: str, file: str, *solved: list[Piece]) -> tuple[FileRecord, list[str], dict[str, float]]:
+        """Write the loaded block with its solved linears as one safetensors shard; returns
+        its record, tensor names and each linear's relative Hessian-weighted error."""
         prefix = self.layout.block(self.index)
         done = join_rows(solved)
         tensors = {prefix + name: t for name, t in self.raw.items() if name.rpartition(".")[0] not in done}
         for linear, arrays in done.items():
             tensors.update({f"{prefix}{linear}.{k}": torch.from_numpy(v) for k, v in arrays.items()})
-        return put_tensors(uri, file, tensors), sorted(tensors)
+        return put_tensors(uri, file, tensors), sorted(tensors), relative_errors(solved)
 
     # ---- whole-model pieces -------------------------------------------------------
     def copy_tensors(self, uri: str, file: str, names: list[str]) -> tuple[FileRecord, list[str]]:
@@ -344,8 +414,11 @@ class BlockRunner:
         return put_tensors(uri, file, self.checkpoint.read(names)), sorted(names)
 
     @torch.inference_mode()
-    def score(self) -> dict[int, tuple[float, int]]:
-        """Final norm and LM head over each chunk: {chunk: (sum of NLL of predicted tokens, count)}."""
+    def score(self, *, top_k: int | None = None, reference: dict[int, Arrays] | None = None) -> dict[int, Arrays]:
+        """Final norm and LM head over each held window (a chunk of one sequence):
+        {window: {"nll": [T-1]}} per predicted token; with `top_k` (the reference pass) also
+        the top k log-probs and their token ids (k = 0: every log-prob); with `reference`
+        (that pass's output for these windows) also "kl" and "top1" against it."""
         lay = self.layout
         head = lay.lm_head if lay.lm_head in self.checkpoint.weight_map else lay.embed  # tied embeddings
         tensors = self.checkpoint.read([lay.final_norm, head])
@@ -353,13 +426,14 @@ class BlockRunner:
         norm.weight.copy_(tensors[lay.final_norm])
         W_head = tensors[head].float()  # [vocab, hidden]
         scores = {}
-        for chunk, hidden in self.hidden.items():
-            nll, count = 0.0, 0
-            for seq, ids in zip(hidden, self.tokens[chunk], strict=True):
-                logits = norm(seq) @ W_head.T  # [T, vocab]
-                target = torch.from_numpy(ids[1:]).long()  # [T-1]
-                per_token = nn.functional.cross_entropy(logits[:-1], target, reduction="none")  # [T-1]
-                nll += float(per_token.double().sum())
-                count += target.numel()
-            scores[chunk] = (nll, count)
+        for window, hidden in self.hidden.items():
+            (seq,), (ids,) = hidden, self.tokens[window]  # [T, hidden], [T]
+            target = torch.from_numpy(ids[1:]).long()  # [T-1]
+            parts = []
+            for a in range(0, len(target), SCORE_ROWS):  # [rows, vocab] at a time: 8k x 128k would be 4 GB
+                b = min(a + SCORE_ROWS, len(target))
+                logp = torch.log_softmax(norm(seq[a:b]) @ W_head.T, dim=-1)  # [rows, vocab]
+                ref = None if reference is None else {k: v[a:b] for k, v in reference[window].items()}
+                parts.append(token_scores(logp, target[a:b], top_k=top_k, reference=ref))
+            scores[window] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         return scores
