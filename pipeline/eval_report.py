@@ -22,6 +22,7 @@ GATE_LABELS: dict[str, str] = {
     "max_kl": "KL divergence",
     "min_top1": "Top-1 agreement",
     "max_rare_nll_increase": "Rare-decile NLL increase",
+    "max_long_ppl_increase": "Long-context perplexity increase",
 }
 
 DASH = "–"
@@ -90,6 +91,7 @@ GATE_FORMATS: dict[str, Callable[[float | None], str]] = {
     "max_kl": lambda x: _nats(x, 4),
     "min_top1": _pct,
     "max_rare_nll_increase": lambda x: _nats(x, 3),
+    "max_long_ppl_increase": _pct,
 }
 
 
