@@ -1,4 +1,5 @@
-"""`lamina`: quantize, export, eval, bench, verify, status and ls. Errors are one line on stderr and exit code 2."""
+"""`lamina`: quantize, release, export, eval, bench, verify, status and ls. Errors are one line on stderr and
+exit code 2; a release blocked by its gates exits 1."""
 
 from __future__ import annotations
 
@@ -51,30 +52,96 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def eval_data(args: argparse.Namespace, artifact: str):
+    """The eval section of the artifact's recipe (or --data), flags over it; the recipe's
+    calibration, for the held-out check; the resources."""
     from pipeline.recipe import EvalData, Recipe, Resources
     from storage.manifest import read_manifest
 
-    saved = Recipe.model_validate(read_manifest(artifact)["recipe"]) if args.data is None else None
-    if saved is not None and saved.eval is None:
+    saved = None
+    try:
+        saved = Recipe.model_validate(read_manifest(artifact)["recipe"])
+    except StorageError:
+        if args.data is None:
+            raise
+    if args.data is None and saved.eval is None:
         raise LaminaError(f"{artifact}: its recipe names no eval data; pass --data URI")
-    base = saved.eval if saved is not None else EvalData(source=args.data)
-    given = {"glob": args.glob, "tokens": args.tokens, "window": args.window, "kernel": args.kernel}
-    update = {k: v for k, v in given.items() if v}
+    base = saved.eval if args.data is None else EvalData(source=args.data)
+    given = {
+        "glob": args.glob,
+        "tokens": args.tokens,
+        "window": args.window,
+        "long_window": args.long_window,
+        "kernel": args.kernel,
+    }
+    update = {k: v for k, v in given.items() if v is not None}
     resources = Resources(workers=args.workers or (saved.resources.workers if saved else 2))
-    return base.model_copy(update=update), resources
+    calibration = saved.calibration if saved is not None else None
+    return base.model_copy(update=update), resources, calibration
+
+
+def eval_table(doc: dict) -> list[tuple[str, str]]:
+    rows = []
+    for c in doc["contexts"]:
+        line = f"perplexity {c['perplexity']:.3f} over {c['tokens']} tokens"
+        if c["reference"] is not None:
+            line += (
+                f"; source {c['reference']['perplexity']:.3f} ({c['ppl_increase']:+.2%}), KL {c['kl']:.4f}, "
+                f"top-1 {c['top1']:.2%}, rare-decile NLL {c['rare_nll_increase']:+.3f}"
+            )
+        rows.append((f"window {c['window']}", line))
+    return rows
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pipeline.evaluate import evaluate
+    import json
 
-    data, resources = eval_data(args, args.artifact)
-    models = [args.artifact] + ([args.against] if args.against else [])
-    reports = [evaluate(m, data, resources, progress=not args.quiet) for m in models]
-    rows = [
-        (r.model, f"perplexity {r.perplexity:.3f} over {r.tokens} tokens ({r.seconds:.0f} s, kernel: {r.kernel})")
-        for r in reports
-    ]
-    print(table(rows, f"lamina eval: {data.source} ({data.tokens} tokens, windows of {data.window})"))
+    from pipeline.eval_report import render
+    from pipeline.evaluate import evaluate
+    from storage.fs import open_location
+    from storage.writer import put_bytes
+
+    data, resources, calibration = eval_data(args, args.artifact)
+    result = evaluate(
+        args.artifact, data, resources, against=args.against, calibration=calibration, progress=not args.quiet
+    )
+    doc = result.as_json()
+    artifact = open_location(args.artifact)
+    events = []
+    if artifact.exists("lamina-events.jsonl"):
+        events = [json.loads(line) for line in artifact.read_bytes("lamina-events.jsonl").decode().splitlines()]
+    report = open_location(args.report or f"{artifact.uri}/eval")
+    for name, content in render(doc, events).items():
+        put_bytes(report, name, content)
+    title = f"lamina eval: {result.model} (kernel {result.kernel}, {result.seconds:.0f} s)"
+    rows = [*eval_table(doc), ("report", f"{report.uri}/eval.md")]
+    print(table(rows, f"{title}\n  text {data.source} ({data.tokens} tokens)"))
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from pipeline import recipe as recipes
+    from pipeline.eval_report import GATE_LABELS
+    from pipeline.release import release
+
+    recipe = recipes.load(args.recipe)
+    if args.workers:
+        recipe = recipe.model_copy(update={"resources": recipe.resources.model_copy(update={"workers": args.workers})})
+    report = release(recipe, progress=not args.quiet)
+    if report.status == "unchanged":
+        print(f"lamina release: {report.output} is already published from this recipe and source; nothing to do")
+        return 0
+    rows = [(GATE_LABELS.get(n, n), f"{g['value']:.6g} (limit {g['limit']:g}): {'pass' if g['passed'] else 'FAIL'}")
+            for n, g in report.gates.items()]  # fmt: skip
+    rows = [*eval_table(report.eval), *rows, ("report", f"{report.report}/eval.md")]
+    if report.status == "blocked":
+        failing = ", ".join(f"{n} {report.gates[n]['value']:.6g} > limit {report.gates[n]['limit']:g}"
+                            if not n.startswith("min_") else
+                            f"{n} {report.gates[n]['value']:.6g} < limit {report.gates[n]['limit']:g}"
+                            for n in report.failed)  # fmt: skip
+        print(table(rows, f"lamina release: {report.output} NOT published: gates failed"))
+        print(f"lamina: gates failed: {failing}; staged artifact kept in {report.report}", file=sys.stderr)
+        return 1
+    print(table([("version", report.output), *rows], "lamina release: published"))
     return 0
 
 
@@ -162,14 +229,20 @@ def parser() -> argparse.ArgumentParser:
     x.set_defaults(func=cmd_export)
     e = sub.add_parser("eval", help="perplexity of an artifact (and of its source) on held-out text")
     e.add_argument("artifact")
-    e.add_argument("--against", help="the unquantized source, scored the same way")
+    e.add_argument("--against", help="the unquantized source: KL, top-1 agreement and NLL increases against it")
     e.add_argument("--data", help="text URI (default: the eval section of the artifact's recipe)")
     e.add_argument("--glob", help="files under --data to use")
     e.add_argument("--tokens", type=int)
     e.add_argument("--window", type=int)
+    e.add_argument("--long-window", type=int, help="the long context (0: the model's longest)")
     e.add_argument("--workers", type=int)
+    e.add_argument("--report", help="where to write eval.json, eval.md and plots (default: ARTIFACT/eval)")
     e.add_argument("--kernel", choices=["auto", "reference", "cpu", "triton"], help="low-bit kernel (default: auto)")
     e.set_defaults(func=cmd_eval)
+    r = sub.add_parser("release", help="quantize, eval against the source, check the gates, publish the version")
+    r.add_argument("recipe")
+    r.add_argument("--workers", type=int, help="override resources.workers")
+    r.set_defaults(func=cmd_release)
     b = sub.add_parser("bench", help="benchmarks against a baseline measured in the same run")
     bsub = b.add_subparsers(dest="what", required=True)
     bk = bsub.add_parser("kernels", help="low-bit kernel vs the dense matmul on Llama-3-70B shapes")

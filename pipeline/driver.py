@@ -22,6 +22,7 @@ import contextlib
 import logging
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from tqdm import tqdm
@@ -34,7 +35,10 @@ from pipeline.plan import BlockPlan, Plan, SolveTask, make_plan
 from pipeline.recipe import Recipe
 from storage import journal
 from storage.checkpoint import read_json
-from storage.fs import StorageError, open_location
+from storage.fs import Location, StorageError, open_location
+from storage.journal import CLAIM, CONTROL
+from storage.lock import Lease, acquire
+from storage.manifest import MANIFEST
 from storage.options import configure
 from storage.staging import claim, publish, staging
 from storage.writer import FileRecord, put_bytes, put_json
@@ -102,8 +106,11 @@ def quantization_config(recipe: Recipe) -> dict:
 class Run:
     """One quantization run: writes into the staging folder `stage` of its claimed output."""
 
-    def __init__(self, plan: Plan, pool: cluster.Pool, run_id: str, *, progress: bool = True):
+    def __init__(
+        self, plan: Plan, pool: cluster.Pool, run_id: str, *, progress: bool = True, lease: Lease | None = None
+    ):
         self.plan, self.ray, self.pool, self.run_id, self.progress = plan, pool.ray, pool, run_id, progress
+        self.lease = lease
         self.output = open_location(plan.output_uri)
         self.stage = staging(self.output, run_id)
         self.events = journal.EventLog(self.output, run_id)
@@ -308,6 +315,8 @@ class Run:
     def finished(
         self, block: BlockPlan, written: tuple[FileRecord, list[str], dict[str, float]], before: dict, writer: str
     ) -> None:
+        if self.lease is not None:
+            self.lease.check()  # another job took the output over (this one stalled past the lock's ttl): stop
         record, names, errors = written
         self.record(record, names)
         seconds = {k: round(v - before[k], 3) for k, v in self.report.seconds.items() if v != before[k]}
@@ -377,6 +386,8 @@ class Run:
 
     # ---- publishing ---------------------------------------------------------------
     def finish(self) -> None:
+        """Stage everything beside the blocks (tensors outside them, config, index, side
+        files, the event log): the staging folder is then a whole artifact, not yet published."""
         plan, recipe = self.plan, self.plan.recipe
         start = time.perf_counter()
         copied = self.runners[0].copy_tensors.remote(self.stage.uri, self.shards[-1], list(plan.other_tensors))
@@ -400,16 +411,29 @@ class Run:
         events = self.events.location.read_bytes(journal.EVENTS)
         self.report.files[EVENTS] = put_bytes(stage, EVENTS, events)  # published beside the weights
         self.report.artifact_bytes = sum(r.size for r in self.report.files.values())
+        self.report.seconds["publish"] += time.perf_counter() - start
+
+    def publish(self, extra: list[FileRecord] = (), **fields: object) -> None:
+        """Copy the staged files (and `extra` files written into staging) into place and
+        write the manifest last, with `fields` added to it."""
+        plan, start = self.plan, time.perf_counter()
+        if self.lease is not None:
+            self.lease.check()  # never publish on a lock another job has taken over
+            self.lease.stop()  # publishing removes .lamina/ with the lock: no heartbeat may write it again
+        for record in extra:
+            self.report.files[record.name] = record
+        self.report.artifact_bytes = sum(r.size for r in self.report.files.values())
         publish(
             self.output,
             self.run_id,
             list(self.report.files.values()),
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            recipe=recipe.model_dump(mode="json"),
+            recipe=plan.recipe.model_dump(mode="json"),
             recipe_hash=self.report.recipe_hash,
             source={"uri": plan.source_uri, "fingerprint": plan.fingerprint},
             versions=versions(),
             seconds={k: round(v, 3) for k, v in self.report.seconds.items()},
+            **fields,
         )
         self.report.seconds["publish"] += time.perf_counter() - start
 
@@ -434,17 +458,16 @@ def versions() -> dict[str, str]:
     return {"python": platform.python_version(), **{n: version(n) for n in names}}
 
 
-def quantize(recipe: Recipe, *, progress: bool = True) -> RunReport:
-    """Plan (all checks before any work), then quantize block by block on Ray (resuming
-    what an earlier attempt of the same recipe on the same output finished), publish, and
-    write the recipe's exports from the published artifact."""
-    configure(recipe.storage)
+def staged_run(recipe: Recipe, *, lease: Lease, progress: bool = True) -> Run:
+    """Plan (all checks before any work), then quantize block by block on Ray, resuming what
+    an earlier attempt of the same recipe on the same output finished, into staging: the
+    returned run's staging folder holds the whole artifact, not yet published."""
     plan = make_plan(recipe)
     ray = cluster.connect(recipe.resources)
     pool = cluster.start_runners(ray, recipe.resources, model_uri=plan.source_uri, layout=plan.layout)
     try:
         run_id = claim(open_location(plan.output_uri), recipe_hash=recipe.hash(), fingerprint=plan.fingerprint)
-        run = Run(plan, pool, run_id, progress=progress)
+        run = Run(plan, pool, run_id, progress=progress, lease=lease)
         try:
             run.execute()
         except Exception as e:
@@ -453,6 +476,42 @@ def quantize(recipe: Recipe, *, progress: bool = True) -> RunReport:
             raise
     finally:
         pool.release()
+    return run
+
+
+def write_exports(recipe: Recipe, run: Run, *, progress: bool = True) -> None:
     for target in recipe.export:
-        run.report.exports.append(export(plan.output_uri, target.format, target.output, progress=progress).output)
+        run.report.exports.append(export(run.plan.output_uri, target.format, target.output, progress=progress).output)
+
+
+def quantize(recipe: Recipe, *, progress: bool = True) -> RunReport:
+    """Quantize into staging under the output's lock (one job per output at a time; a dead
+    job's lock expires), publish, and write the recipe's exports from the published artifact."""
+    configure(recipe.storage)
+    output = open_location(recipe.output)
+    if output.exists(MANIFEST):
+        raise LaminaError(f"output {output.uri} already holds a published artifact; choose a new output URI")
+    with locked(output, "quantize") as lease:
+        run = staged_run(recipe, lease=lease, progress=progress)
+        run.publish()
+    write_exports(recipe, run, progress=progress)
     return run.report
+
+
+@contextlib.contextmanager
+def locked(output: Location, what: str) -> Iterator[Lease]:
+    """The output's lock for one job. A job that fails before claiming the output (a bad
+    recipe, no room on the cluster) leaves no trace: its lock and the folder it made go."""
+    lease = acquire(output, what=what)
+    try:
+        yield lease
+    except BaseException:
+        if not output.exists(CLAIM):  # removed while still held: no other job is inside
+            lease.stop()
+            output.remove(CONTROL)
+            if not output.list_files():
+                output.remove()
+            raise
+        lease.release()
+        raise
+    lease.release()

@@ -29,8 +29,15 @@ def main() -> None:
     start = time.perf_counter()
     run = quantize(recipe)
     problems = verify(run.output)
-    quantized = evaluate(run.output, recipe.eval, recipe.resources)
-    source = evaluate(recipe.model, recipe.eval, recipe.resources)
+    result = evaluate(run.output, recipe.eval, recipe.resources, against=recipe.model, calibration=recipe.calibration)
+    contexts = [
+        (
+            f"window {c.window}",
+            f"perplexity {c.reference['perplexity']:.3f} -> {c.perplexity:.3f} ({c.ppl_increase:+.1%}), "
+            f"KL {c.kl:.4f}, top-1 {c.top1:.1%}, rarest decile NLL {c.rare_nll_increase:+.3f}",
+        )
+        for c in result.contexts
+    ]
     rows = [
         ("model", recipe.model),
         (
@@ -41,10 +48,10 @@ def main() -> None:
         ("workers", f"{recipe.resources.workers} x {recipe.resources.cpus_per_worker} CPU"),
         ("source size", size(run.source_bytes)),
         ("artifact size", size(run.artifact_bytes)),
-        ("perplexity before", f"{source.perplexity:.3f}  ({source.tokens} tokens of {recipe.eval.source})"),
-        ("perplexity after", f"{quantized.perplexity:.3f}"),
+        ("eval text", f"{recipe.eval.tokens} tokens of {recipe.eval.source} (kernel {result.kernel})"),
+        *contexts,
         *((f"time: {phase}", f"{s:6.1f} s") for phase, s in run.seconds.items()),
-        ("time: eval (both)", f"{quantized.seconds + source.seconds:6.1f} s"),
+        ("time: eval (source and artifact)", f"{result.seconds:6.1f} s"),
         ("time: total", f"{time.perf_counter() - start:6.1f} s"),
         ("manifest check", "every file matches" if not problems else "; ".join(problems)),
         ("artifact", run.output),

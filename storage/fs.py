@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import random
+import threading
 import time
 import uuid
 from collections import Counter
@@ -25,6 +26,7 @@ from typing import TypeVar
 import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,22 +50,41 @@ class LocalFiles(LocalFileSystem):
     wins and no reader sees a partly written file."""
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: object) -> None:
-        if mode != "create":
-            return super().pipe_file(path, value, mode=mode, **kwargs)
+        """Exclusive create by hard link; an overwrite by os.replace of a temporary file in
+        the same folder, so a reader sees the old bytes or the new ones, never a mix (fsspec
+        writes in place: a reader of an event log or a lock could see it empty)."""
         path = self._strip_protocol(path)
-        temporary = f"{path}.{uuid.uuid4().hex}.creating"
+        temporary = f"{path}.{uuid.uuid4().hex}.{'creating' if mode == 'create' else 'writing'}"
         with open(temporary, "xb") as f:
             f.write(value)
         try:
-            os.link(temporary, path)
+            if mode == "create":
+                os.link(temporary, path)
+            else:
+                os.replace(temporary, path)
         finally:
-            os.unlink(temporary)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
         return None
+
+
+class MemoryFiles(MemoryFileSystem):
+    """fsspec's in-memory filesystem with an exclusive create that is atomic across threads
+    (fsspec checks for the file, then writes it: two racing creators could both win)."""
+
+    _create_lock = threading.Lock()
+
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: object) -> None:
+        if mode != "create":
+            return super().pipe_file(path, value, mode=mode, **kwargs)
+        with self._create_lock:
+            return super().pipe_file(path, value, mode=mode, **kwargs)
 
 
 fsspec.register_implementation("faulty", "storage.faults.FaultyFileSystem", clobber=True)
 for _protocol in LocalFileSystem.protocol:
     fsspec.register_implementation(_protocol, LocalFiles, clobber=True)
+fsspec.register_implementation("memory", MemoryFiles, clobber=True)
 
 
 class StorageError(Exception):
@@ -211,6 +232,8 @@ class Location:
                 except FileExistsError:
                     if attempt == 0 or self.fs.cat_file(path) != data:
                         raise
+            elif isinstance(self.fs, LocalFiles):  # whole-file replace: readers never see a partial file
+                self.fs.pipe_file(path, data)
             else:
                 with self.fs.open(path, "wb", block_size=PART_BYTES) as f:
                     for offset in range(0, len(data), PART_BYTES):

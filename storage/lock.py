@@ -238,6 +238,15 @@ class Lease:
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(timeout=self.heartbeat_s)
 
+    def stop(self) -> None:
+        """Stop the heartbeat and write nothing more: for the holder that is about to remove
+        the control folder itself (publishing), where a late heartbeat would recreate it."""
+        self._stop.set()
+        with self._mutex:
+            self.released = True
+        if self._thread and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.heartbeat_s)
+
     def start_heartbeat(self) -> None:
         self._thread = threading.Thread(target=self._beat, name=f"lamina-lock-{self.generation}", daemon=True)
         self._thread.start()

@@ -193,7 +193,14 @@ def recipe_doc(tmp: Path, **overrides: dict) -> dict:
         "output": str(tmp / "artifact"),
         "calibration": {"source": str(DOCS / "library"), "glob": "*.rst.txt", "samples": 64, "seq_len": 512},
         "scheme": {"algorithm": "gptq", "bits": 4, "group_size": 64, "sym": True},
-        "eval": {"source": str(DOCS / "tutorial"), "glob": "*.rst.txt", "tokens": 16384, "window": 1024},
+        # the protocol's one context (a long_window of 8192 would add minutes per eval here)
+        "eval": {
+            "source": str(DOCS / "tutorial"),
+            "glob": "*.rst.txt",
+            "tokens": 16384,
+            "window": 1024,
+            "long_window": 1024,
+        },
         "resources": {"workers": 2, "cpus_per_worker": 1},
     }
     for key, value in overrides.items():

@@ -29,16 +29,19 @@ def test_verify_of_a_folder_without_manifest_is_a_one_line_error(tmp_path, capsy
 
 
 def eval_args(**kw) -> argparse.Namespace:
-    base = {"data": None, "glob": None, "tokens": None, "window": None, "workers": None, "kernel": None}
+    base = {"data": None, "glob": None, "tokens": None, "window": None, "long_window": None, "workers": None}
+    base["kernel"] = None
     return argparse.Namespace(**{**base, **kw})
 
 
 def test_eval_data_from_flags_overrides_defaults(tmp_path) -> None:
-    data, resources = eval_data(eval_args(data="/texts", glob="*.txt", tokens=4096, workers=3), str(tmp_path))
+    data, resources, calibration = eval_data(
+        eval_args(data="/texts", glob="*.txt", tokens=4096, workers=3), str(tmp_path)
+    )
     assert (data.source, data.glob, data.tokens, data.window, data.windows) == ("/texts", "*.txt", 4096, 1024, 4)
-    assert resources.workers == 3 and data.kernel == "auto"
-    data, _ = eval_data(eval_args(data="/texts", kernel="reference"), str(tmp_path))
-    assert data.kernel == "reference"
+    assert resources.workers == 3 and data.kernel == "auto" and calibration is None and data.long_window == 0
+    data, _, _ = eval_data(eval_args(data="/texts", kernel="reference", long_window=2048), str(tmp_path))
+    assert data.kernel == "reference" and data.long_window == 2048
 
 
 def test_eval_without_data_needs_a_published_artifact(tmp_path) -> None:

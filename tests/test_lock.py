@@ -96,14 +96,7 @@ def race(output: Location, contenders: int) -> tuple[list[Lease], list[LockHeldE
     return won, refused
 
 
-def test_of_jobs_racing_for_a_lock_exactly_one_wins(store: str, request: pytest.FixtureRequest) -> None:
-    if store.startswith("memory://"):
-        request.applymarker(
-            pytest.mark.xfail(
-                reason="fsspec's memory:// exclusive create checks, then writes: two threads can both create",
-                strict=False,
-            )
-        )
+def test_of_jobs_racing_for_a_lock_exactly_one_wins(store: str) -> None:
     rounds = 10 if store.startswith(("memory://", "/")) else 3
     for round_ in range(rounds):
         output = open_location(f"{store}/{round_}")
