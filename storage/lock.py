@@ -226,11 +226,12 @@ class Lease:
 
     def release(self) -> None:
         """Stop the heartbeat and mark the lock released, so the next job need not wait for
-        the ttl. A lost lease is left alone; a store that fails here only logs a warning."""
+        the ttl. A lost lease is left alone, a stopped one too (its holder removed the
+        control folder); a store that fails here only logs a warning."""
         self._stop.set()
         with self._mutex:
-            self.released = True
-            if not self.lost:
+            stopped, self.released = self.released, True
+            if not self.lost and not stopped:
                 try:
                     put_json(self.location, lock_name(self.generation), self.doc(heartbeat=time.time(), released=True))
                 except (StorageError, OSError) as e:

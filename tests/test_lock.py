@@ -165,3 +165,15 @@ def test_ttl_comes_from_the_environment_and_the_heartbeat_from_the_ttl(tmp_path,
         assert (lease.ttl_s, lease.heartbeat_s) == (40, 10)
     with pytest.raises(ValueError, match="under its ttl"):
         acquire(output, ttl_s=1, heartbeat_s=1)
+
+
+def test_a_stopped_lease_writes_nothing_more(tmp_path) -> None:
+    """Publishing removes the control folder with the lock in it: after stop(), neither the
+    heartbeat nor release() may write the lock file back."""
+    output = open_location(str(tmp_path / "out"))
+    lease = acquire(output, what="release", ttl_s=0.6, heartbeat_s=0.05)
+    lease.stop()
+    output.remove(".lamina")
+    time.sleep(0.2)
+    lease.release()
+    assert not output.exists(".lamina")

@@ -48,22 +48,21 @@ def blocked_then_published(tmp_path_factory, ray_cluster, small_model):
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             code = main(["-q", "release", recipe])
-        results.append((code, sorted(p.name for p in Path(output).iterdir()), err.getvalue()))
+        staged = sorted(Path(output).glob(".lamina/staging/*/eval.md"))
+        kept = staged[0].read_text() if staged else ""  # the report of a blocked release, kept for inspection
+        results.append((code, sorted(p.name for p in Path(output).iterdir()), err.getvalue(), kept))
     return output, results
 
 
 def test_a_gate_tighter_than_measured_blocks_the_release(blocked_then_published) -> None:
-    output, results = blocked_then_published
-    code, files, err = results[0]
+    _, results = blocked_then_published
+    code, files, err, report = results[0]
     assert code == 1
     assert "lamina: gates failed: max_kl " in err and "> limit 1e-06; staged artifact kept in" in err
     assert "min_top1" not in err  # it passed
     assert files == [".lamina"]  # nothing published: no manifest, no weights at the version's top level
     # the staged artifact and its report stay for inspection, with the failing gate
-    staged = open_location(output).glob(".lamina/staging/*/eval.md")
-    assert staged, "the blocked release's report is kept in staging"
-    report = open_location(output).read_bytes(staged[0]).decode()
-    assert "KL divergence" in report and "FAIL" in report and "Top-1 agreement" in report
+    assert "- KL divergence" in report and "**FAIL**" in report and "- Top-1 agreement" in report
 
 
 def test_a_looser_gate_publishes_the_version_with_its_eval(blocked_then_published) -> None:
@@ -82,7 +81,7 @@ def test_a_looser_gate_publishes_the_version_with_its_eval(blocked_then_publishe
 
 def test_a_second_identical_release_is_a_no_op(blocked_then_published) -> None:
     output, results = blocked_then_published
-    assert results[2][:2] == results[1][:2] and results[2][0] == 0
+    assert results[2][:2] == results[1][:2] and results[2][0] == 0 and results[2][3] == ""
     assert read_manifest(output)["eval"]["gates"] == "passed"
 
 
