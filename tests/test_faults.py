@@ -73,16 +73,17 @@ def test_missing_files_are_not_retried(tmp_path) -> None:
 
 
 def test_a_store_that_goes_away_fails_the_run_clearly_and_publishes_nothing(
-    tmp_path, ray_cluster, small_model, capsys
+    tmp_path, ray_cluster, small_model, capsys, monkeypatch
 ) -> None:
+    monkeypatch.setenv("LAMINA_LOCK_TTL_S", "3600")  # no lock heartbeat in the run: the count of calls is fixed
     output = tmp_path / "artifact"
-    # the driver's 26th storage call fails and so does every one after it: the claim, the
-    # journal, the event log and the first block go through, then the store is gone
+    # the driver's 36th storage call fails and so does every one after it: the lock, the
+    # claim, the journal, the event log and the first block go through, then the store is gone
     doc = small_recipe_doc(
         tmp_path,
         small_model,
         output=f"faulty::file://{output}",
-        storage={f"faulty::file://{output}": {"fail_after": 25}},
+        storage={f"faulty::file://{output}": {"fail_after": 35}},
     )
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(doc))

@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +27,7 @@ from storage.manifest import MANIFEST, read_manifest, verify
 from storage.registry import list_versions
 from tests.conftest import DOCS, small_recipe_doc
 
+ROOT = Path(__file__).resolve().parents[1]
 EVAL = {"source": str(DOCS / "tutorial"), "glob": "*.rst.txt", "tokens": 256, "window": 64, "long_window": 128}
 
 
@@ -121,3 +128,26 @@ def test_two_concurrent_releases_on_s3_end_with_exactly_one_version(
     assert "is locked by release on" in str(refused[0])
     assert [v.version for v in list_versions(f"{s3_endpoint}/registry-race")] == ["w4g64"]
     assert open_location(output).exists(MANIFEST) and verify(output) == []
+
+
+def test_a_release_that_died_is_resumed_by_the_next(ray_cluster, small_model, tmp_path) -> None:
+    """kill -9 of a release job mid-run: its lock (a dead pid of this host) does not block
+    the next job, which resumes the journaled blocks and publishes."""
+    output = tmp_path / "registry" / "smollm2" / "w4g64"
+    doc = release_doc(tmp_path, small_model, str(output), {"max_kl": 10.0})
+    recipe = write_recipe(tmp_path / "died.yaml", doc)
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    job = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "-q", "release", recipe], cwd=ROOT, env=env)
+    try:
+        deadline = time.time() + 240
+        while not list(output.glob(".lamina/journal/*/block-00000.json")) and job.poll() is None:
+            assert time.time() < deadline, "block 0 was never journaled"
+            time.sleep(0.01)
+        os.kill(job.pid, signal.SIGKILL)
+    finally:
+        job.wait()
+    locks = [json.loads(p.read_text()) for p in output.glob(".lamina/lock-*.json")]
+    assert [(lock["holder"]["pid"], lock["released"]) for lock in locks] == [(job.pid, False)]
+    report = release(parse(doc), progress=False)
+    assert report.status == "published" and report.run.resumed >= 1
+    assert verify(str(output)) == [] and read_manifest(str(output))["eval"]["gates"] == "passed"
