@@ -66,7 +66,7 @@ def test_the_demo_artifact_has_the_same_perplexity_through_each_kernel(protocol_
         return
     if importlib.util.find_spec("triton") is None:
         pytest.skip("Triton cannot be installed on this machine: its eval is untested here")
-    tiny = recipe.eval.model_copy(update={"tokens": 64, "window": 64})
+    tiny = recipe.eval.model_copy(update={"tokens": 64, "window": 64, "long_window": 64})
     one = recipe.resources.model_copy(update={"workers": 1})
     small = {
         k: evaluate(small_reference.output, tiny.model_copy(update={"kernel": k}), one, progress=False).perplexity
