@@ -111,6 +111,23 @@ def _gemm_kernel(
 
 
 @triton.jit
+def _word_tile(qw_ptr, s_ptr, z_ptr, rw, rn, mask, N, group_size, PER: tl.constexpr):
+    """Packed words [rw, rn] (uint32) and their scales and zero points (fp32): every code of
+    a word is in the word's group, since the group size is a multiple of PER = 32 / bits."""
+    words = tl.load(qw_ptr + rw[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
+    g = (rw * PER) // group_size
+    s = tl.load(s_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.float32)
+    return words, s, z
+
+
+@triton.jit
+def _code(words, j, BITS: tl.constexpr):
+    """Code j of each word, as fp32."""
+    return ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+
+
+@triton.jit
 def _gemv_words_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, part_ptr, M, N, K, WORDS, group_size, stride_xm, words_per_split,
     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -128,16 +145,13 @@ def _gemv_words_kernel(
     for w0 in range(w_lo, tl.minimum(w_lo + words_per_split, WORDS), BLOCK_W):
         rw = w0 + tl.arange(0, BLOCK_W)
         mask = (rw < WORDS)[:, None] & nmask[None, :]
-        words = tl.load(qw_ptr + rw[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
-        g = (rw * PER) // group_size
-        s = tl.load(s_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.float32)
+        words, s, z = _word_tile(qw_ptr, s_ptr, z_ptr, rw, rn, mask, N, group_size, PER)
         dot = tl.zeros((BLOCK_W, BLOCK_N), dtype=tl.float32)
         xs = tl.zeros((BLOCK_W,), dtype=tl.float32)
         for j in tl.static_range(PER):
             k = rw * PER + j
             xj = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-            c = ((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+            c = _code(words, j, BITS)
             dot += c * xj[:, None]
             xs += xj
         acc += s * (dot - z * xs[:, None])
@@ -160,14 +174,11 @@ def _gemm_words_kernel(
     for w0 in range(0, WORDS, BLOCK_W):
         rw = w0 + tl.arange(0, BLOCK_W)
         mask = (rw < WORDS)[:, None] & nmask[None, :]
-        words = tl.load(qw_ptr + rw[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
-        g = (rw * PER) // group_size
-        s = tl.load(s_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.float32)
+        words, s, z = _word_tile(qw_ptr, s_ptr, z_ptr, rw, rn, mask, N, group_size, PER)
         for j in tl.static_range(PER):
             k = rw * PER + j
             x = tl.load(x_ptr + rm[:, None] * stride_xm + k[None, :], mask=mmask[:, None] & (k < K)[None, :], other=0.0)
-            w = s * (((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32) - z)
+            w = s * (_code(words, j, BITS) - z)
             if FP32:
                 acc += tl.dot(x, w, input_precision="ieee")
             else:
@@ -207,13 +218,10 @@ def _dequantize_words_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < N
     mask = (rw < WORDS)[:, None] & nmask[None, :]
-    words = tl.load(qw_ptr + rw[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
-    g = (rw * PER) // group_size
-    s = tl.load(s_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + g[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.float32)
+    words, s, z = _word_tile(qw_ptr, s_ptr, z_ptr, rw, rn, mask, N, group_size, PER)
     for j in tl.static_range(PER):
         k = rw * PER + j
-        w = s * (((words >> (j * BITS)) & ((1 << BITS) - 1)).to(tl.float32) - z)
+        w = s * (_code(words, j, BITS) - z)
         tl.store(
             out_ptr + k[:, None] * N + rn[None, :],
             w.to(out_ptr.dtype.element_ty),
@@ -262,6 +270,11 @@ class TritonWeight:
     @property
     def out_features(self) -> int:
         return self.qweight.shape[1]
+
+    @property
+    def g_ptr(self) -> torch.Tensor:
+        """g_idx for the general kernels; without one any tensor (the kernels do not read it)."""
+        return self.g_idx if self.g_idx is not None else self.qweight
 
     @property
     def wordwise(self) -> bool:
@@ -339,9 +352,8 @@ def dequantize(w: TritonWeight, dtype: torch.dtype, config: DequantConfig | None
             BITS=w.bits, BLOCK_W=block_w, BLOCK_N=c.block_n, num_warps=c.warps,
         )  # fmt: skip
     else:
-        g_idx = w.g_idx if w.g_idx is not None else w.qweight  # any pointer: not read without g_idx
         _dequantize_kernel[(triton.cdiv(K, c.block_k), triton.cdiv(N, c.block_n))](
-            w.qweight, w.scales, w.zeros, g_idx, out, N, K, words, w.group_size,
+            w.qweight, w.scales, w.zeros, w.g_ptr, out, N, K, words, w.group_size,
             BITS=w.bits, HAS_GIDX=w.g_idx is not None, BLOCK_K=c.block_k, BLOCK_N=c.block_n, num_warps=c.warps,
         )  # fmt: skip
     return out
@@ -362,9 +374,8 @@ def _gemv(x2: torch.Tensor, w: TritonWeight, c: GemvConfig) -> torch.Tensor:
             k_per_split // per, BITS=w.bits, BLOCK_N=c.block_n, BLOCK_W=c.block_k // per, num_warps=c.warps,
         )  # fmt: skip
     else:
-        g_idx = w.g_idx if w.g_idx is not None else w.qweight
         _gemv_kernel[grid](
-            x2, w.qweight, w.scales, w.zeros, g_idx, part, M, N, K, words, w.group_size, x2.stride(0),
+            x2, w.qweight, w.scales, w.zeros, w.g_ptr, part, M, N, K, words, w.group_size, x2.stride(0),
             k_per_split, BITS=w.bits, HAS_GIDX=w.g_idx is not None, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
             num_warps=c.warps,
         )  # fmt: skip
@@ -384,12 +395,11 @@ def _gemm(x2: torch.Tensor, w: TritonWeight, c: GemmConfig) -> torch.Tensor:
             BLOCK_W=max(16, c.block_k // per), num_warps=c.warps, num_stages=c.stages,  # tl.dot: K >= 16
         )  # fmt: skip
     else:
-        g_idx = w.g_idx if w.g_idx is not None else w.qweight
         # the general tile keeps a word, scale and zero per code: past 64 input columns a
         # tile ran out of shared memory on H200 (3 bits, 3 stages)
         block_k = c.block_k if INTERPRETED else min(c.block_k, 64)
         _gemm_kernel[grid](
-            x2, w.qweight, w.scales, w.zeros, g_idx, y, M, N, K, words, w.group_size, x2.stride(0), y.stride(0),
+            x2, w.qweight, w.scales, w.zeros, w.g_ptr, y, M, N, K, words, w.group_size, x2.stride(0), y.stride(0),
             BITS=w.bits, HAS_GIDX=w.g_idx is not None, FP32=fp32,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=block_k, num_warps=c.warps, num_stages=c.stages,
         )  # fmt: skip
