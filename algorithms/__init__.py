@@ -1,4 +1,5 @@
-"""Pure quantization math: functions from (weight, hessian, config) to a quantized weight.
+"""Pure quantization math: functions from (weight, hessian, config) to a quantized weight
+(the uniform grid of types.py, or the codebooks of codebook.py).
 
 No I/O, no Ray, no printing. Every quantizer has the signature
 ``quantize(W [out, in], H [in, in] | None, scheme, options, prepared=None) -> QuantizedWeight``,
@@ -11,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from algorithms.aqlm import AQLMConfig, aqlm
+from algorithms.codebook import CodebookScheme, CodebookWeight
 from algorithms.gptq import GPTQConfig, Prepared, gptq, prepare
 from algorithms.rtn import rtn
 from algorithms.types import QuantizedWeight, UniformScheme
@@ -30,11 +33,45 @@ def _gptq(
     return gptq(W, H, scheme, options, prepared if isinstance(prepared, Prepared) else None)
 
 
-Quantizer = Callable[..., QuantizedWeight]
+def _aqlm(
+    W: torch.Tensor, H: torch.Tensor | None, scheme: CodebookScheme, options: AQLMConfig, prepared: object = None
+) -> CodebookWeight:
+    if H is None:
+        raise ValueError("aqlm needs the layer's input Hessian")
+    return aqlm(W, H, scheme, options)
 
-QUANTIZERS: dict[str, Quantizer] = {"rtn": _rtn, "gptq": _gptq}
-NEEDS_HESSIAN = {"rtn": False, "gptq": True}
+
+Format = UniformScheme | CodebookScheme  # how a quantized weight is stored
+Weight = QuantizedWeight | CodebookWeight
+Quantizer = Callable[..., Weight]
+
+QUANTIZERS: dict[str, Quantizer] = {"rtn": _rtn, "gptq": _gptq, "aqlm": _aqlm}
+NEEDS_HESSIAN = {"rtn": False, "gptq": True, "aqlm": True}
 # what a quantizer derives from H alone, shared by the linears (and row ranges) that read it
 PREPARERS: dict[str, Callable[[torch.Tensor, GPTQConfig], object]] = {"gptq": prepare}
 
-__all__ = ["NEEDS_HESSIAN", "PREPARERS", "QUANTIZERS", "GPTQConfig", "QuantizedWeight", "UniformScheme", "gptq", "rtn"]
+
+def weight_from_tensors(tensors: dict[str, torch.Tensor], fmt: Format) -> Weight:
+    """A stored linear's tensors (by suffix) as its weight type."""
+    if isinstance(fmt, CodebookScheme):
+        return CodebookWeight.from_tensors(tensors)
+    return QuantizedWeight.from_tensors(tensors, bits=fmt.bits, group_size=fmt.group_size)
+
+
+__all__ = [
+    "NEEDS_HESSIAN",
+    "PREPARERS",
+    "QUANTIZERS",
+    "AQLMConfig",
+    "CodebookScheme",
+    "CodebookWeight",
+    "Format",
+    "GPTQConfig",
+    "QuantizedWeight",
+    "UniformScheme",
+    "Weight",
+    "aqlm",
+    "gptq",
+    "rtn",
+    "weight_from_tensors",
+]

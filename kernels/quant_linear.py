@@ -1,60 +1,55 @@
-"""QuantLinear: an nn.Linear replacement that stores a QuantizedWeight and runs it
-through one of the low-bit kernels (kernels/backends.py)."""
+"""nn.Linear replacements that store a quantized weight and run it through one of the
+low-bit kernels (kernels/backends.py): QuantLinear for the uniform format, CodebookLinear
+for the codebook format; `quant_linear` builds the right one for a weight."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from algorithms.codebook import CodebookWeight
 from algorithms.types import QuantizedWeight
 from kernels import reference
 from kernels.backends import Backend, Requested, choose
 
 
-class QuantLinear(nn.Module):
-    """Buffers `qweight`, `scales`, `qzeros` (and `g_idx`, `bias`) as in the native
-    artifact. `backend` is the kernel that runs it ('auto' picks the best one for the
-    device of the first input); each kernel's layout of the weight is made on first use
-    and kept."""
+class _LowBitLinear(nn.Module):
+    """What both formats share: the backend choice ('auto' picks the best one for the
+    device of the first input), each kernel's layout of the weight made on first use and
+    kept, and the dense equivalent."""
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: Requested = "reference"):
-        super().__init__()
-        self.in_features, self.out_features = qw.in_features, qw.out_features
-        self.bits, self.group_size = qw.bits, qw.group_size
-        self.register_buffer("qweight", qw.qweight)
-        self.register_buffer("scales", qw.scales)
-        self.register_buffer("qzeros", qw.zeros)
-        self.register_buffer("g_idx", qw.g_idx)
+    in_features: int
+    out_features: int
+
+    def _init(self, bias: torch.Tensor | None, backend: Requested) -> None:
         self.register_buffer("bias", bias)
         self.requested: Requested = backend
         self._laid_out: tuple[Backend, torch.device, object] | None = None
 
     @property
-    def quantized(self) -> QuantizedWeight:
-        return QuantizedWeight(
-            qweight=self.qweight,
-            scales=self.scales,
-            zeros=self.qzeros,
-            bits=self.bits,
-            group_size=self.group_size,
-            in_features=self.in_features,
-            g_idx=self.g_idx,
-        )
+    def quantized(self) -> QuantizedWeight | CodebookWeight:
+        raise NotImplementedError
 
-    def use(self, backend: Requested) -> QuantLinear:
+    def _device(self) -> torch.device:
+        raise NotImplementedError
+
+    def _kernel(self, backend: Backend):
+        raise NotImplementedError
+
+    def use(self, backend: Requested) -> _LowBitLinear:
         """Run through `backend` from the next call on."""
         self.requested, self._laid_out = backend, None
         return self
 
     def backend(self, device: torch.device | None = None) -> Backend:
-        device = device or self.qweight.device
+        device = device or self._device()
         return choose(self.requested, "cuda" if device.type == "cuda" else "cpu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backend = self.backend(x.device)
         if backend == "reference":
             return reference.linear(x, self.quantized, self.bias)
-        kernel = _kernel(backend)
+        kernel = self._kernel(backend)
         if self._laid_out is None or self._laid_out[:2] != (backend, x.device):
             self._laid_out = (backend, x.device, kernel.layout(self.quantized, x.device))
         return kernel.linear(x, self._laid_out[2], self.bias)
@@ -68,6 +63,46 @@ class QuantLinear(nn.Module):
             layer.bias = nn.Parameter(self.bias.float(), requires_grad=False)
         return layer.eval()
 
+
+class QuantLinear(_LowBitLinear):
+    """Buffers `qweight`, `scales`, `qzeros` (and `g_idx`, `bias`) as in the native artifact."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: Requested = "reference"):
+        super().__init__()
+        self.in_features, self.out_features = qw.in_features, qw.out_features
+        self.bits, self.group_size = qw.bits, qw.group_size
+        self.register_buffer("qweight", qw.qweight)
+        self.register_buffer("scales", qw.scales)
+        self.register_buffer("qzeros", qw.zeros)
+        self.register_buffer("g_idx", qw.g_idx)
+        self._init(bias, backend)
+
+    @property
+    def quantized(self) -> QuantizedWeight:
+        return QuantizedWeight(
+            qweight=self.qweight,
+            scales=self.scales,
+            zeros=self.qzeros,
+            bits=self.bits,
+            group_size=self.group_size,
+            in_features=self.in_features,
+            g_idx=self.g_idx,
+        )
+
+    def _device(self) -> torch.device:
+        return self.qweight.device
+
+    def _kernel(self, backend: Backend):
+        """The module of a compiled backend (imported on first use: triton only where it
+        runs): each has `layout(qw, device)` and `linear(x, laid_out, bias)`."""
+        if backend == "cpu":
+            from kernels import cpu
+
+            return cpu
+        from kernels import triton_uniform
+
+        return triton_uniform
+
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
@@ -75,13 +110,41 @@ class QuantLinear(nn.Module):
         )
 
 
-def _kernel(backend: Backend):
-    """The module of a compiled backend (imported on first use: triton only where it runs):
-    each has `layout(qw, device)` and `linear(x, laid_out, bias)`."""
-    if backend == "cpu":
-        from kernels import cpu
+class CodebookLinear(_LowBitLinear):
+    """Buffers `codes`, `codebooks`, `scales` (and `bias`) as in the native artifact and
+    AQLM's checkpoints. The `cpu` backend is the lookup-table path of kernels/codebook_cpu.py."""
 
-        return cpu
-    from kernels import triton_uniform
+    def __init__(self, cw: CodebookWeight, bias: torch.Tensor | None = None, backend: Requested = "reference"):
+        super().__init__()
+        self.in_features, self.out_features = cw.in_features, cw.out_features
+        self.register_buffer("codes", cw.codes)
+        self.register_buffer("codebooks", cw.codebooks)
+        self.register_buffer("scales", cw.scales)
+        self._init(bias, backend)
 
-    return triton_uniform
+    @property
+    def quantized(self) -> CodebookWeight:
+        return CodebookWeight(codes=self.codes, codebooks=self.codebooks, scales=self.scales)
+
+    def _device(self) -> torch.device:
+        return self.codes.device
+
+    def _kernel(self, backend: Backend):
+        if backend == "cpu":
+            from kernels import codebook_cpu
+
+            return codebook_cpu
+        from kernels import triton_codebook
+
+        return triton_codebook
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.quantized.scheme.name}, backend={self.requested}"
+
+
+def quant_linear(
+    weight: QuantizedWeight | CodebookWeight, bias: torch.Tensor | None = None, backend: Requested = "reference"
+) -> QuantLinear | CodebookLinear:
+    if isinstance(weight, CodebookWeight):
+        return CodebookLinear(weight, bias, backend)
+    return QuantLinear(weight, bias, backend)

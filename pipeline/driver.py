@@ -92,6 +92,18 @@ def balance(costs: list[int], workers: int) -> list[list[int]]:
 
 def quantization_config(recipe: Recipe) -> dict:
     s = recipe.scheme
+    if s.codebook:
+        fmt = s.format
+        return {
+            "quant_method": "lamina",
+            "format": "codebook",
+            "algorithm": s.algorithm,
+            "num_codebooks": fmt.num_codebooks,
+            "nbits_per_codebook": fmt.nbits_per_codebook,
+            "in_group_size": fmt.in_group_size,
+            "out_group_size": 1,
+            "recipe_hash": recipe.hash(),
+        }
     return {
         "quant_method": "lamina",
         "format": "uniform",
@@ -155,8 +167,7 @@ class Run:
         """The first `blocks` finished blocks, as a worker's inputs must pass through them."""
         if not blocks:
             return None
-        grid = self.plan.recipe.scheme.grid
-        return StagedBlocks(self.stage.uri, tuple(self.shards[:blocks]), grid.bits, grid.group_size)
+        return StagedBlocks(self.stage.uri, tuple(self.shards[:blocks]), self.plan.recipe.scheme.format)
 
     def set_inputs(self, at: int) -> None:
         """Every worker a contiguous share of the chunks, as inputs of block `at`."""
@@ -272,7 +283,7 @@ class Run:
                 hessians,
                 tokens=tokens,
                 algorithm=scheme.algorithm,
-                scheme=scheme.grid,
+                scheme=scheme.format,
                 options=scheme.options,
             )
             for runner, share in zip(runners, shares, strict=True)
@@ -280,7 +291,9 @@ class Run:
         ]
 
     def tasks(self, block: BlockPlan) -> list[SolveTask]:
-        return [t for lin in block.linears for t in lin.pieces(self.plan.recipe.scheme.solve_rows)]
+        scheme = self.plan.recipe.scheme
+        rows = 0 if scheme.codebook else scheme.solve_rows  # a codebook is fit to all of a linear's rows
+        return [t for lin in block.linears for t in lin.pieces(rows)]
 
     def block(self, block: BlockPlan) -> tuple[FileRecord, list[str], dict[str, float]]:
         """Quantize one block and write its shard into staging.
@@ -302,13 +315,13 @@ class Run:
             self.report.seconds["solve"] += time.perf_counter() - start
             solved_all += solved
             if n < len(stages) - 1:
-                self.timed("calibrate", [r.install.remote(scheme.grid, *solved) for r in self.runners])
+                self.timed("calibrate", [r.install.remote(scheme.format, *solved) for r in self.runners])
                 installed = len(solved_all)
         written = self.runners[0].write_block.remote(self.stage.uri, self.shards[block.index], *solved_all)
         last = block.index == len(plan.blocks) - 1
         propagated = []
         if plan.needs_calibration and not last:
-            propagated = [r.install.remote(scheme.grid, *solved_all[installed:]) for r in self.runners]
+            propagated = [r.install.remote(scheme.format, *solved_all[installed:]) for r in self.runners]
             propagated += [r.forward.remote() for r in self.runners]
         return self.timed("write+propagate", [written, *propagated])[0]
 

@@ -116,19 +116,28 @@ def _packing(recipe: Recipe, blocks: tuple[BlockPlan, ...], layout: BlockLayout)
         return f"{len(bad)} linears: {listed}{', ...' if len(bad) > 4 else ''}"
 
     def words(lin: LinearPlan) -> bool:
-        return lin.in_features % per_run == 0
+        return scheme.codebook or lin.in_features % per_run == 0
 
     def groups(lin: LinearPlan) -> bool:
+        if scheme.codebook:
+            return lin.in_features % scheme.format.in_group_size == 0
         return not scheme.group_size or lin.in_features % scheme.group_size == 0
 
     every = [(b.index, lin) for b in blocks for lin in b.linears]
+    ungrouped = [(i, lin) for i, lin in every if not groups(lin)]
+    if scheme.codebook and ungrouped and scheme.unpackable != "keep":
+        raise LaminaError(
+            f"scheme.aqlm.in_group_size {scheme.format.in_group_size} does not divide the input size of "
+            f"{named(ungrouped)}; choose one that divides them, or set scheme.unpackable: keep to leave "
+            "them in full precision"
+        )
+
     unfilled = [(i, lin) for i, lin in every if not words(lin)]
     if unfilled and scheme.unpackable != "keep":
         raise LaminaError(
             f"scheme.bits {scheme.bits}: input sizes not a multiple of {per_run} leave 32-bit words part-filled "
             f"in {named(unfilled)}; set scheme.unpackable: keep to leave them in full precision"
         )
-    ungrouped = [(i, lin) for i, lin in every if not groups(lin)]
     if ungrouped and scheme.unpackable == "refuse":
         raise LaminaError(
             f"scheme.group_size {scheme.group_size} does not divide the input size of {named(ungrouped)}; "
@@ -155,6 +164,11 @@ def _check_exports(recipe: Recipe) -> None:
             raise LaminaError(f"{where}: the export needs its own folder, not the artifact's output")
         if open_location(target.output).exists(MANIFEST):
             raise LaminaError(f"{where}: already holds a published artifact; choose a new URI")
+        if (target.format == "aqlm") != scheme.codebook:
+            fits = "codebooks: export format aqlm" if scheme.codebook else "a uniform grid: gptq or compressed-tensors"
+            raise LaminaError(
+                f"{where}: format {target.format} cannot hold scheme.algorithm {scheme.algorithm} ({fits})"
+            )
         g_idx = scheme.algorithm == "gptq" and scheme.act_order and not scheme.static_groups
         if target.format == "compressed-tensors" and g_idx:
             raise LaminaError(

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from algorithms import GPTQConfig, UniformScheme
+from algorithms import AQLMConfig, CodebookScheme, Format, GPTQConfig, UniformScheme
 from pipeline.errors import LaminaError
 from storage.options import literal_secrets
 
@@ -92,8 +92,44 @@ class Gates(Strict):
     max_long_ppl_increase: float | None = Field(None, ge=0, description="max_ppl_increase at the long context")
 
 
+class AQLMOptions(Strict):
+    """AQLM (scheme.algorithm: aqlm): each group of `in_group_size` inputs is the sum of one
+    codeword from each of `num_codebooks` codebooks of 2**nbits_per_codebook entries, with
+    a scale per output row. 2x8 g8 and 1x16 g8 are 2 bits per weight (plus the codebooks:
+    2x8 suits any model; 1x16's 65536 x 8 codebook per linear only pays off on wide layers)."""
+
+    num_codebooks: int = Field(2, ge=1, le=8)
+    nbits_per_codebook: int = Field(8, ge=1, le=16)
+    in_group_size: int = Field(8, ge=1, le=64)
+    beam_size: int = Field(1, ge=1, description="hypotheses kept in the code search over the codebooks")
+    max_iters: int = Field(10, ge=0, description="code search / codebook update / scale rounds at most")
+    rel_tol: float = Field(0.01, ge=0, description="stop when a round lowers the error by less than this share")
+    kmeans_iters: int = Field(8, ge=1)
+    cg_iters: int = Field(8, ge=1, description="conjugate-gradient steps per codebook update")
+    seed: int = 0
+
+    @property
+    def format(self) -> CodebookScheme:
+        return CodebookScheme(
+            num_codebooks=self.num_codebooks,
+            nbits_per_codebook=self.nbits_per_codebook,
+            in_group_size=self.in_group_size,
+        )
+
+    @property
+    def config(self) -> AQLMConfig:
+        return AQLMConfig(
+            beam_size=self.beam_size,
+            max_iters=self.max_iters,
+            rel_tol=self.rel_tol,
+            kmeans_iters=self.kmeans_iters,
+            cg_iters=self.cg_iters,
+            seed=self.seed,
+        )
+
+
 class Scheme(Strict):
-    algorithm: Literal["gptq", "rtn"] = "gptq"
+    algorithm: Literal["gptq", "rtn", "aqlm"] = "gptq"
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(128, ge=0, description="columns per group; 0 = per-channel")
     sym: bool = True
@@ -134,8 +170,27 @@ class Scheme(Strict):
             bits=self.bits, group_size=self.group_size, sym=self.sym, partial_groups=self.unpackable == "partial"
         )
 
+    aqlm: AQLMOptions | None = Field(None, description="AQLM's codebooks and fit (algorithm: aqlm)")
+
+    @model_validator(mode="after")
+    def _aqlm_options_need_aqlm(self) -> Scheme:
+        if self.aqlm is not None and not self.codebook:
+            raise ValueError(f"aqlm options are set but algorithm is {self.algorithm}: set algorithm: aqlm")
+        return self
+
     @property
-    def options(self) -> GPTQConfig:
+    def codebook(self) -> bool:
+        return self.algorithm == "aqlm"
+
+    @property
+    def format(self) -> Format:
+        """How the quantized linears are stored: the uniform grid, or AQLM's codebooks."""
+        return (self.aqlm or AQLMOptions()).format if self.codebook else self.grid
+
+    @property
+    def options(self) -> GPTQConfig | AQLMConfig:
+        if self.codebook:
+            return (self.aqlm or AQLMOptions()).config
         return GPTQConfig(
             damp=self.damp,
             block_size=self.block_size,
@@ -173,7 +228,7 @@ class Resources(Strict):
 class Export(Strict):
     """A copy of the published artifact in a layout serving engines load."""
 
-    format: Literal["gptq", "compressed-tensors"]
+    format: Literal["gptq", "compressed-tensors", "aqlm"]
     output: str = Field(description="URI of the export (a new folder)")
 
 
@@ -207,6 +262,8 @@ class Recipe(Strict):
         written, with what resources, how storage is reached, how it is evaluated or exported)."""
         skip = {"output", "resources", "eval", "gates", "storage", "export"}
         doc = self.model_dump(mode="json", exclude={*skip, "calibration"})
+        if doc["scheme"]["aqlm"] is None:  # recipes from before AQLM keep their hash
+            del doc["scheme"]["aqlm"]
         if self.calibration is not None:  # how much duplication to tolerate does not change the bytes
             doc["calibration"] = self.calibration.model_dump(mode="json", exclude={"max_duplicate_ratio"})
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from algorithms import PREPARERS, QUANTIZERS, GPTQConfig, QuantizedWeight, UniformScheme
+from algorithms import PREPARERS, QUANTIZERS, CodebookScheme, Format, UniformScheme, Weight, weight_from_tensors
 from algorithms.hessian import input_gram
-from kernels import QuantLinear, choose
+from kernels import choose, quant_linear
 from kernels.backends import Requested
 from kernels.reference import dequantize
 from storage.checkpoint import Checkpoint
@@ -46,25 +46,38 @@ def model_config(raw: dict) -> PretrainedConfig:
     return config
 
 
-def to_arrays(qw: QuantizedWeight) -> Arrays:
+def to_arrays(qw: Weight) -> Arrays:
     return {k: v.numpy() for k, v in qw.tensors().items()}
 
 
-def from_arrays(arrays: Arrays, *, bits: int, group_size: int) -> QuantizedWeight:
-    return QuantizedWeight.from_tensors(
-        {k: torch.from_numpy(v) for k, v in arrays.items()}, bits=bits, group_size=group_size
-    )
+def from_arrays(arrays: Arrays, fmt: Format) -> Weight:
+    return weight_from_tensors({k: torch.from_numpy(v) for k, v in arrays.items()}, fmt)
+
+
+def stored_format(qc: dict) -> Format | None:
+    """How an artifact's quantization_config says its linears are stored (None: not quantized)."""
+    if not qc:
+        return None
+    if qc.get("format") == "codebook":
+        return CodebookScheme(
+            num_codebooks=qc["num_codebooks"],
+            nbits_per_codebook=qc["nbits_per_codebook"],
+            in_group_size=qc["in_group_size"],
+        )
+    return UniformScheme(bits=qc["bits"], group_size=qc["group_size"], sym=qc.get("sym", True))
+
+
+STORED = ("qweight", "scales", "qzeros", "g_idx", "codes", "codebooks")  # suffixes of a quantized linear's tensors
 
 
 @dataclass(frozen=True)
 class StagedBlocks:
     """The run's finished blocks 0..len(shards)-1: shard files in the staging folder `uri`,
-    quantized linears on the recipe's grid."""
+    quantized linears in the recipe's format."""
 
     uri: str
     shards: tuple[str, ...]
-    bits: int
-    group_size: int
+    format: Format
 
     @property
     def blocks(self) -> int:
@@ -72,8 +85,8 @@ class StagedBlocks:
 
 
 def join_rows(solved: tuple[list[Piece], ...]) -> dict[str, Arrays]:
-    """Whole linears from row pieces solved anywhere: rows in order, g_idx (a function of
-    the Hessian alone) the same in every piece."""
+    """Whole linears from row pieces solved anywhere: rows in order; what all rows share
+    (g_idx, a function of the Hessian alone; codebooks) the same in every piece."""
     by_linear: dict[str, list[tuple[int, Arrays]]] = {}
     for part in solved:
         for linear, first, arrays in part:
@@ -81,11 +94,14 @@ def join_rows(solved: tuple[list[Piece], ...]) -> dict[str, Arrays]:
     out = {}
     for linear, pieces in sorted(by_linear.items()):
         pieces.sort(key=lambda p: p[0])
-        joined = {k: np.concatenate([a[k] for _, a in pieces]) for k in ("qweight", "scales", "qzeros")}
-        if "g_idx" in pieces[0][1]:
-            joined["g_idx"] = pieces[0][1]["g_idx"]
-            if any(not np.array_equal(a["g_idx"], joined["g_idx"]) for _, a in pieces):
-                raise RuntimeError(f"{linear}: row pieces disagree on g_idx")
+        first = pieces[0][1]
+        rows = ("qweight", "scales", "qzeros", "codes")
+        joined = {k: np.concatenate([a[k] for _, a in pieces]) for k in rows if k in first}
+        for shared in ("g_idx", "codebooks"):
+            if shared in first:
+                joined[shared] = first[shared]
+                if any(not np.array_equal(a[shared], first[shared]) for _, a in pieces):
+                    raise RuntimeError(f"{linear}: row pieces disagree on {shared}")
         out[linear] = joined
     return out
 
@@ -94,7 +110,7 @@ SCORE_ROWS = 1024  # predicted tokens whose log-probs are held at once
 ERROR_ROWS = 256  # rows of each solved piece on which its error is measured (70B: ~1% of the solve)
 
 
-def weighted_error(W: torch.Tensor, qw: QuantizedWeight, H: torch.Tensor | None) -> np.ndarray:
+def weighted_error(W: torch.Tensor, qw: Weight, H: torch.Tensor | None) -> np.ndarray:
     """[tr(D H D^T), tr(W H W^T)] with D = W - dequantized, on every k-th row (at most
     ERROR_ROWS of them); the identity for H when there is none (RTN)."""
     step = max(1, W.shape[0] // ERROR_ROWS)
@@ -201,8 +217,7 @@ class BlockRunner:
         self.checkpoint = Checkpoint(model_uri)
         self.config = model_config(self.checkpoint.config)
         self.rotary = getattr(self.modeling, self.layout.rotary_class)(self.config)
-        qc = self.checkpoint.config.get("quantization_config") or {}
-        self.stored_bits, self.stored_group = qc.get("bits", 0), qc.get("group_size", 0)
+        self.stored = stored_format(self.checkpoint.config.get("quantization_config") or {})
         self.layer, self.raw, self.index = None, {}, -1
 
     # ---- inputs -------------------------------------------------------------------
@@ -252,7 +267,7 @@ class BlockRunner:
                 header = read_header(location, file)
                 prefix = self.layout.block(i)
                 tensors = read_tensors(location, header, sorted(header.entries))
-                self._build(i, {n[len(prefix) :]: t for n, t in tensors.items()}, staged.bits, staged.group_size)
+                self._build(i, {n[len(prefix) :]: t for n, t in tensors.items()}, staged.format)
                 fresh = {c: self._run(h) for c, h in fresh.items()}
             self.layer, self.raw, self.index = None, {}, -1
         self.tokens.update(tokens)
@@ -268,19 +283,23 @@ class BlockRunner:
         if not names:
             raise ValueError(f"{self.checkpoint.uri}: no tensors for block {index} ({prefix}*)")
         raw = {n[len(prefix) :]: t for n, t in self.checkpoint.read(names).items()}
-        self._build(index, raw, self.stored_bits, self.stored_group)
+        self._build(index, raw, self.stored)
         return self.checkpoint.bytes_of(names)
 
-    def _build(self, index: int, raw: dict[str, torch.Tensor], bits: int, group_size: int) -> None:
+    def _build(self, index: int, raw: dict[str, torch.Tensor], fmt: Format | None) -> None:
         """Block `index` from its stored tensors by local name; quantized linears (those
-        stored as qweight) dequantized once, as QuantLinear's reference path would."""
+        stored as qweight or codes) dequantized once, as QuantLinear's reference path would."""
         self.raw = raw
         with torch.device("meta"):
             layer = getattr(self.modeling, self.layout.layer_class)(self.config, index)
         layer = layer.to_empty(device="cpu")
-        quantized = [linear for linear in self.layout.linears if f"{linear}.qweight" in self.raw]
+        quantized = [lin for lin in self.layout.linears if f"{lin}.qweight" in self.raw or f"{lin}.codes" in self.raw]
+        if quantized and fmt is None:
+            raise ValueError(
+                f"{self.checkpoint.uri}: block {index} holds quantized {quantized[0]} but no quantization_config"
+            )
         for linear in quantized:
-            self._swap(layer, linear, self._stored_quantized(linear, bits, group_size))
+            self._swap(layer, linear, self._stored_quantized(linear, fmt))
         layer.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in self.raw.items()}, strict=True)
         for linear in quantized:
             module = layer.get_submodule(linear)
@@ -290,14 +309,9 @@ class BlockRunner:
                 module.use(self.kernel)
         self.layer, self.index = layer.eval(), index
 
-    def _stored_quantized(self, linear: str, bits: int, group_size: int) -> QuantLinear:
-        parts = {
-            s: self.raw[f"{linear}.{s}"]
-            for s in ("qweight", "scales", "qzeros", "g_idx")
-            if f"{linear}.{s}" in self.raw
-        }
-        qw = QuantizedWeight.from_tensors(parts, bits=bits, group_size=group_size)
-        return QuantLinear(qw, self.raw.get(f"{linear}.bias"))
+    def _stored_quantized(self, linear: str, fmt: Format) -> nn.Module:
+        parts = {s: self.raw[f"{linear}.{s}"] for s in STORED if f"{linear}.{s}" in self.raw}
+        return quant_linear(weight_from_tensors(parts, fmt), self.raw.get(f"{linear}.bias"))
 
     @staticmethod
     def _swap(layer: nn.Module, linear: str, module: nn.Module) -> None:
@@ -360,8 +374,8 @@ class BlockRunner:
         *,
         tokens: int,
         algorithm: str,
-        scheme: UniformScheme,
-        options: GPTQConfig,
+        scheme: Format,
+        options: object,
     ) -> list[Piece]:
         """Quantize rows first..last-1 of each named linear of the loaded block (rows are
         independent given H, which is normalised by the token count)."""
@@ -380,15 +394,14 @@ class BlockRunner:
             log.debug("block %d %s rows %d:%d quantized", self.index, linear, first, last)
         return out
 
-    def install(self, scheme: UniformScheme, *solved: list[Piece]) -> None:
+    def install(self, scheme: Format, *solved: list[Piece]) -> None:
         """Replace the block's linears by the solved weights, dequantized once: the block
         runs every chunk through them, and the same matmul as QuantLinear's reference
         path (dequantize, then linear) gives the same outputs without repeating the
         dequantization per chunk."""
         for linear, arrays in join_rows(solved).items():
             bias = self.layer.get_submodule(linear).bias
-            qw = from_arrays(arrays, bits=scheme.bits, group_size=scheme.group_size)
-            self._swap(self.layer, linear, QuantLinear(qw, bias).dense())
+            self._swap(self.layer, linear, quant_linear(from_arrays(arrays, scheme), bias).dense())
 
     @torch.inference_mode()
     def forward(self) -> None:
