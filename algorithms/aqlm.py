@@ -32,7 +32,8 @@ import torch
 from algorithms.codebook import CodebookScheme, CodebookWeight, store_codes
 from algorithms.kmeans import kmeans
 
-SEARCH_ROWS = 256  # rows searched at once: [rows, beam, K] scores (1x16: 256 x 65536 floats)
+SEARCH_SCORES = 2**21  # candidate scores held at once: rows searched together = this / (beam * K)
+KMEANS_POINTS = 256  # k-means iterates on this many points per centroid, drawn from all groups
 
 
 @dataclass(frozen=True)
@@ -90,16 +91,10 @@ def loss(shard: Shard, books: torch.Tensor, H: torch.Tensor) -> float:
 def search_codes(shard: Shard, books: torch.Tensor, H: torch.Tensor, beam: int) -> Shard:
     """Each group's codes by beam search over the codebooks, groups in order, the later
     groups seeing the earlier ones' new codes; a row's codes change only where L drops."""
+    step = max(1, SEARCH_SCORES // (beam * books.shape[1]))
     parts = [
-        _search_rows(
-            shard.W[a : a + SEARCH_ROWS],
-            shard.codes[a : a + SEARCH_ROWS],
-            shard.scales[a : a + SEARCH_ROWS],
-            books,
-            H,
-            beam,
-        )
-        for a in range(0, len(shard.W), SEARCH_ROWS)
+        _search_rows(shard.W[a : a + step], shard.codes[a : a + step], shard.scales[a : a + step], books, H, beam)
+        for a in range(0, len(shard.W), step)
     ]
     return replace(shard, codes=torch.cat(parts))
 
@@ -221,7 +216,7 @@ def initial_codebooks(
     weights = H.diagonal().clamp(min=0).reshape(1, -1, g).expand(rows, -1, g).reshape(-1, g)  # [rows*G, g]
     books, codes, resid = [], [], X.clone()
     for m in range(M):
-        C, idx = kmeans(resid, weights, K, iters=config.kmeans_iters, seed=config.seed + m)
+        C, idx = kmeans(resid, weights, K, iters=config.kmeans_iters, seed=config.seed + m, sample=KMEANS_POINTS * K)
         C = C.half().float()
         books.append(C)
         codes.append(idx)

@@ -1,4 +1,4 @@
-"""The uniform format's tensors in the layouts serving engines load. Pure tensor math; the
+"""The native formats' tensors in the layouts serving engines load. Pure tensor math; the
 streaming of an export is pipeline/export.py's.
 
 Both layouts below use lamina's bit stream (algorithms/packing.py): code j of a packed run
@@ -13,12 +13,21 @@ repacked, only transposed or relabelled.
   holding the signed code + 2**(bits-1), which is lamina's unsigned code; `weight_scale`
   [out, groups]; `weight_shape` [2]; for asymmetric grids `weight_zero_point` int32
   [out * bits / 32, groups], packed along the output.
+
+The codebook format is stored in AQLM's Hugging Face layout already (algorithms/codebook.py),
+so its export checks the tensors and passes them on:
+- AQLM (transformers with the `aqlm` package): `codes` int8 | int16 [out, in / g, M],
+  `codebooks` float16 [M, 2**nbits, 1, g], `scales` float16 [out, 1, 1, 1], and one
+  `quantization_config` (`aqlm_config`) for every quantized linear of the model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
+from algorithms.codebook import CodebookScheme, CodebookWeight
 from algorithms.packing import codes_per_run, pack
 from algorithms.types import QuantizedWeight
 
@@ -61,3 +70,44 @@ def compressed_tensors_tensors(qw: QuantizedWeight, *, sym: bool) -> dict[str, t
     if not sym:
         tensors["weight_zero_point"] = pack_padded(qw.zeros.T, qw.bits).T.contiguous()
     return tensors
+
+
+def aqlm_tensors(cw: CodebookWeight) -> dict[str, torch.Tensor]:
+    """One linear in AQLM's layout (the parameters of `aqlm.QuantizedLinear`), by suffix:
+    the codebook format's own tensors, their shapes and dtypes checked."""
+    s = cw.scheme  # raises for a codebook size that is not a power of two in 2..2**16
+    out, groups = cw.codes.shape[:2]
+    want = {
+        "codes": ((out, groups, s.num_codebooks), s.code_dtype),
+        "codebooks": ((s.num_codebooks, s.codebook_size, 1, s.in_group_size), torch.float16),
+        "scales": ((out, 1, 1, 1), torch.float16),
+    }
+    tensors = cw.tensors()
+    for name, (shape, dtype) in want.items():
+        t = tensors[name]
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"AQLM {s.name} {name}: expected {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+    return {name: t.contiguous() for name, t in tensors.items()}
+
+
+def aqlm_config(scheme: CodebookScheme, *, unquantized: Iterable[str]) -> dict:
+    """quantization_config as transformers' AqlmConfig reads it. transformers replaces every
+    nn.Linear of the model by aqlm's QuantizedLinear except those `linear_weights_not_to_quantize`
+    names; `unquantized` are their module names (lm_head, linears kept in full precision).
+    transformers 4 compares "<module>.weight" with each entry and transformers 5 matches
+    module names (as a prefix, a regex or a suffix), so both spellings are listed.
+
+    >>> aqlm_config(CodebookScheme(num_codebooks=1, nbits_per_codebook=16), unquantized=["lm_head"])
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'quant_method': 'aqlm', 'nbits_per_codebook': 16, 'num_codebooks': 1, 'in_group_size': 8,
+     'out_group_size': 1, 'linear_weights_not_to_quantize': ['lm_head.weight', 'lm_head']}
+    """
+    modules = list(unquantized)
+    return {
+        "quant_method": "aqlm",
+        "nbits_per_codebook": scheme.nbits_per_codebook,
+        "num_codebooks": scheme.num_codebooks,
+        "in_group_size": scheme.in_group_size,
+        "out_group_size": 1,
+        "linear_weights_not_to_quantize": [*(f"{m}.weight" for m in modules), *modules],
+    }

@@ -19,14 +19,19 @@ def assign(X: torch.Tensor, weights: torch.Tensor, C: torch.Tensor) -> torch.Ten
 
 
 def kmeans(
-    X: torch.Tensor, weights: torch.Tensor, K: int, *, iters: int, seed: int
+    X: torch.Tensor, weights: torch.Tensor, K: int, *, iters: int, seed: int, sample: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's algorithm with per-dimension weights [N, d]: each centroid coordinate is the
     weighted mean of its points' coordinates. Starts from K points drawn with `seed`
     (with replacement when there are fewer than K); an empty cluster keeps its centroid.
-    Returns (centroids [K, d], assignment [N])."""
+    With `sample` (> K), the iterations run on that many points drawn with `seed` and
+    only the final assignment sees them all. Returns (centroids [K, d], assignment [N])."""
     N, d = X.shape
     g = torch.Generator().manual_seed(seed)
+    if sample and N > sample:
+        pick = torch.randperm(N, generator=g)[:sample]  # [sample]
+        C, _ = kmeans(X[pick], weights[pick], K, iters=iters, seed=seed)
+        return C, assign(X, weights, C)
     start = torch.randperm(N, generator=g)[:K] if N >= K else torch.randint(N, (K,), generator=g)
     C = X[start].clone()  # [K, d]
     for _ in range(iters):

@@ -1,5 +1,6 @@
-"""`lamina export`: a published artifact in a layout serving engines load (GPTQ, or
-compressed-tensors pack-quantized), streamed shard by shard like the native artifact and
+"""`lamina export`: a published artifact in a layout serving engines load (GPTQ or
+compressed-tensors pack-quantized for the uniform format, AQLM's Hugging Face layout for
+the codebook format), streamed shard by shard like the native artifact and
 published the same way (staging, then the manifest last), so a reader never sees half an
 export. Every check that can refuse the export runs before the first shard is written."""
 
@@ -13,7 +14,8 @@ from importlib.metadata import version
 import torch
 from tqdm import tqdm
 
-from algorithms.formats import compressed_tensors_tensors, gptq_tensors
+from algorithms.codebook import CodebookScheme, CodebookWeight
+from algorithms.formats import aqlm_config, aqlm_tensors, compressed_tensors_tensors, gptq_tensors
 from algorithms.types import QuantizedWeight
 from pipeline.architectures import layout_for
 from pipeline.errors import LaminaError
@@ -24,8 +26,11 @@ from storage.manifest import MANIFEST, read_manifest
 from storage.staging import claim, publish, staging
 from storage.writer import FileRecord, put_bytes, put_json, put_tensors
 
-FORMATS = ("gptq", "compressed-tensors")
-QUANTIZED = ("qweight", "scales", "qzeros", "g_idx")  # the native suffixes of a quantized linear
+FORMATS = ("gptq", "compressed-tensors", "aqlm")
+EXPORTS = {"uniform": ("gptq", "compressed-tensors"), "codebook": ("aqlm",)}  # by native format
+MARKER = {"uniform": "qweight", "codebook": "codes"}  # the suffix that marks a quantized linear
+QUANTIZED = ("qweight", "scales", "qzeros", "g_idx")  # the native suffixes of a uniform linear
+CODEBOOK = ("codes", "codebooks", "scales")  # the native suffixes of a codebook linear
 
 
 @dataclass
@@ -44,11 +49,13 @@ class Native:
 
     checkpoint: Checkpoint
     manifest: dict
-    bits: int
-    group_size: int  # 0: per-channel
-    sym: bool
+    format: str  # "uniform" or "codebook", as quantization_config names it
     linears: tuple[str, ...]  # full names of the quantized linears, e.g. model.layers.0.mlp.up_proj
     kept: tuple[str, ...]  # full names of the block linears left in full precision
+    bits: int = 0  # uniform: the grid
+    group_size: int = 0  # 0: per-channel
+    sym: bool = True
+    codebook: CodebookScheme | None = None  # codebook: the scheme of every quantized linear
 
     @property
     def scheme(self) -> dict:
@@ -65,9 +72,13 @@ def open_native(uri: str) -> Native:
     except StorageError as e:
         raise LaminaError(str(e)) from None
     qc = checkpoint.config.get("quantization_config") or {}
-    if qc.get("quant_method") != "lamina" or qc.get("format") != "uniform":
-        raise LaminaError(f"{uri}: not a lamina artifact of the uniform format (quantization_config {qc or 'missing'})")
-    linears = tuple(n.removesuffix(".qweight") for n in checkpoint.names() if n.endswith(".qweight"))
+    fmt = qc.get("format", "uniform")
+    if qc.get("quant_method") != "lamina" or fmt not in EXPORTS or qc.get("out_group_size", 1) != 1:
+        raise LaminaError(
+            f"{uri}: not a lamina artifact of the uniform or codebook format (quantization_config {qc or 'missing'})"
+        )
+    marker = f".{MARKER[fmt]}"
+    linears = tuple(n.removesuffix(marker) for n in checkpoint.names() if n.endswith(marker))
     layout = layout_for(checkpoint.config)
     blocks = range(int(checkpoint.config.get("num_hidden_layers", 0)))
     kept = tuple(
@@ -76,7 +87,23 @@ def open_native(uri: str) -> Native:
         for lin in layout.linears
         if f"{layout.block(i)}{lin}.weight" in checkpoint.weight_map
     )
-    return Native(checkpoint, manifest, int(qc["bits"]), int(qc["group_size"]), bool(qc["sym"]), linears, kept)
+    if fmt == "codebook":
+        return Native(checkpoint, manifest, fmt, linears, kept, codebook=codebook_scheme(uri, qc))
+    bits, group_size, sym = int(qc["bits"]), int(qc["group_size"]), bool(qc["sym"])
+    return Native(checkpoint, manifest, fmt, linears, kept, bits=bits, group_size=group_size, sym=sym)
+
+
+def codebook_scheme(uri: str, qc: dict) -> CodebookScheme:
+    try:
+        return CodebookScheme(
+            num_codebooks=int(qc["num_codebooks"]),
+            nbits_per_codebook=int(qc["nbits_per_codebook"]),
+            in_group_size=int(qc["in_group_size"]),
+        )
+    except KeyError as e:
+        raise LaminaError(f"{uri}: the codebook format's quantization_config has no {e.args[0]!r}") from None
+    except ValueError as e:
+        raise LaminaError(f"{uri}: the codebook format's quantization_config: {e}") from None
 
 
 def quantized_weight(native: Native, tensors: dict[str, torch.Tensor], linear: str) -> QuantizedWeight:
@@ -137,10 +164,37 @@ def compressed_tensors_config(native: Native) -> dict:
     }
 
 
+def check_codebooks(native: Native) -> None:
+    """AQLM's config holds one scheme for the whole model: refuse, from the shard headers
+    alone, a linear whose tensors are not of the artifact's scheme."""
+    s = native.codebook
+    code_dtype = "I8" if s.code_dtype == torch.int8 else "I16"  # safetensors' names
+    books_shape = (s.num_codebooks, s.codebook_size, 1, s.in_group_size)
+    for linear in native.linears:
+        codes, books, scales = (native.checkpoint.entry(f"{linear}.{suffix}") for suffix in CODEBOOK)
+        if (
+            (codes.dtype, codes.shape[2:]) != (code_dtype, (s.num_codebooks,))
+            or (books.dtype, books.shape) != ("F16", books_shape)
+            or (scales.dtype, scales.shape) != ("F16", (codes.shape[0], 1, 1, 1))
+        ):
+            raise LaminaError(
+                f"{linear}: codes {codes.dtype} {list(codes.shape)}, codebooks {books.dtype} {list(books.shape)} and "
+                f"scales {scales.dtype} {list(scales.shape)} are not of the artifact's scheme {s.name} "
+                f"g{s.in_group_size}, the one AQLM's config can name"
+            )
+
+
 def check_exportable(native: Native, fmt: str) -> None:
     """Refuse, naming the layers, what the format cannot hold; reads only small tensors."""
     if fmt not in FORMATS:
         raise LaminaError(f"unknown export format {fmt!r} (supported: {', '.join(FORMATS)})")
+    if fmt not in EXPORTS[native.format]:
+        raise LaminaError(
+            f"{native.checkpoint.uri} is an artifact of the {native.format} format, which the {fmt} format cannot "
+            f"hold; export it as {' or '.join(EXPORTS[native.format])}"
+        )
+    if fmt == "aqlm":
+        check_codebooks(native)
     if fmt == "compressed-tensors":
         bad = [lin for lin in native.linears if native.has_g_idx(lin)]
         if bad:
@@ -160,15 +214,29 @@ def check_exportable(native: Native, fmt: str) -> None:
                 )
 
 
+def linear_tensors(native: Native, fmt: str, tensors: dict[str, torch.Tensor], linear: str) -> dict[str, torch.Tensor]:
+    """One quantized linear in the export's layout, by suffix."""
+    if fmt == "aqlm":
+        return aqlm_tensors(CodebookWeight.from_tensors({s: tensors[f"{linear}.{s}"] for s in CODEBOOK}))
+    qw = quantized_weight(native, tensors, linear)
+    return gptq_tensors(qw) if fmt == "gptq" else compressed_tensors_tensors(qw, sym=native.sym)
+
+
 def convert(native: Native, fmt: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """One shard's tensors in the export's layout; tensors of unquantized modules pass through."""
-    linears = [n.removesuffix(".qweight") for n in tensors if n.endswith(".qweight")]
+    marker = f".{MARKER[native.format]}"
+    linears = [n.removesuffix(marker) for n in tensors if n.endswith(marker)]
     out = {n: t for n, t in tensors.items() if n.rpartition(".")[0] not in linears}
     for linear in linears:
-        qw = quantized_weight(native, tensors, linear)
-        parts = gptq_tensors(qw) if fmt == "gptq" else compressed_tensors_tensors(qw, sym=native.sym)
-        out.update({f"{linear}.{suffix}": t for suffix, t in parts.items()})
+        out.update({f"{linear}.{suffix}": t for suffix, t in linear_tensors(native, fmt, tensors, linear).items()})
     return out
+
+
+def quantization_config(native: Native, fmt: str) -> dict:
+    if fmt == "aqlm":
+        head = layout_for(native.checkpoint.config).lm_head.removesuffix(".weight")
+        return aqlm_config(native.codebook, unquantized=(head, *native.kept))
+    return gptq_config(native) if fmt == "gptq" else compressed_tensors_config(native)
 
 
 def export(artifact: str, fmt: str, dest: str, *, progress: bool = True) -> ExportReport:
@@ -193,7 +261,7 @@ def export(artifact: str, fmt: str, dest: str, *, progress: bool = True) -> Expo
         tensors = convert(native, fmt, source.read(names))
         report.files[file] = put_tensors(stage.uri, file, tensors)
         weight_map.update(dict.fromkeys(tensors, file))
-    qc = gptq_config(native) if fmt == "gptq" else compressed_tensors_config(native)
+    qc = quantization_config(native, fmt)
     records = [
         put_json(stage, "config.json", {**read_json(source.location, "config.json"), "quantization_config": qc}),
         put_json(stage, INDEX, {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}),
