@@ -33,6 +33,7 @@ from algorithms.codebook import CodebookScheme, CodebookWeight, store_codes
 from algorithms.kmeans import kmeans
 
 SEARCH_SCORES = 2**21  # candidate scores held at once: rows searched together = this / (beam * K)
+CG_TOL = 1e-5  # codebook updates stop once the residual of the normal equations falls by this factor
 KMEANS_POINTS = 256  # k-means iterates on this many points per centroid, drawn from all groups
 
 
@@ -63,7 +64,7 @@ class Shard:
 def decode_groups(codes: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
     """Unscaled groups: codes [rows, G, M], books [M, K, g] -> [rows, G, g]."""
     M, K, g = books.shape
-    offsets = torch.arange(M) * K  # [M]
+    offsets = torch.arange(M, device=codes.device) * K  # [M]
     return books.reshape(M * K, g)[codes + offsets].sum(dim=2)
 
 
@@ -76,10 +77,10 @@ def scatter(codes: torch.Tensor, V: torch.Tensor, K: int) -> torch.Tensor:
     """The adjoint of decode_groups: V [rows, G, g] summed into the codewords that made
     each group, [M*K, g] (every codebook receives every group)."""
     rows, G, M = codes.shape
-    offsets = torch.arange(M) * K  # [M]
+    offsets = torch.arange(M, device=codes.device) * K  # [M]
     idx = (codes + offsets).reshape(-1)  # [rows*G*M]
     src = V[:, :, None, :].expand(rows, G, M, V.shape[-1]).reshape(-1, V.shape[-1])  # [rows*G*M, g]
-    return torch.zeros(M * K, V.shape[-1]).index_add_(0, idx, src)
+    return V.new_zeros(M * K, V.shape[-1]).index_add_(0, idx, src)
 
 
 def loss(shard: Shard, books: torch.Tensor, H: torch.Tensor) -> float:
@@ -114,8 +115,8 @@ def _search_rows(
         sl = slice(j * g, (j + 1) * g)
         Hjj, rh = H[sl, sl], RH[:, None, sl]  # [g, g], [rows, 1, g]
         hyp = codes[:, j][:, None, :]  # [rows, 1, M] codes of each hypothesis
-        d = torch.zeros(rows, 1, g)  # [rows, B, g] hypothesis value - current value
-        score = torch.zeros(rows, 1)  # [rows, B] change of L
+        d = W.new_zeros(rows, 1, g)  # [rows, B, g] hypothesis value - current value
+        score = W.new_zeros(rows, 1)  # [rows, B] change of L
         for m in range(M):
             E = books[m]  # [K, g]
             base = d - E[hyp[..., m]]  # [rows, B, g] without codebook m's word
@@ -159,8 +160,9 @@ def update_codebooks(shards: list[Shard], books: torch.Tensor, H: torch.Tensor, 
     C = books.reshape(M * K, g).clone()  # [M*K, g]
     r = sum_in_order(codebook_terms(sh, books, H, None) for sh in shards)  # [M*K, g]
     p, rr = r.clone(), float((r * r).sum())
+    floor = CG_TOL**2 * rr
     for _ in range(iters):
-        if rr == 0:
+        if rr <= floor:  # converged: further float32 steps only lose orthogonality
             break
         Ap = sum_in_order(codebook_terms(sh, books, H, p) for sh in shards)  # [M*K, g]
         pAp = float((p * Ap).sum())
@@ -233,7 +235,7 @@ def fit(
     W = W.float()
     H = H.float()
     scheme.groups(W.shape[1])
-    shard = Shard(W=W, codes=torch.zeros(0), scales=initial_scales(W))
+    shard = Shard(W=W, codes=W.new_zeros(0, dtype=torch.int64), scales=initial_scales(W))
     books, codes = initial_codebooks(shard, H, scheme, config)
     shard = fit_scales(replace(shard, codes=codes), books, H)
     history = [loss(shard, books, H)]

@@ -273,3 +273,24 @@ def test_a_shared_prepared_hessian_gives_the_same_codes() -> None:
         with_shared = gptq(W, H, UniformScheme(bits=4, group_size=32), config, shared)
         for name, t in alone.tensors().items():
             assert torch.equal(t, with_shared.tensors()[name]), name
+
+
+def test_aqlm_2bit_beats_gptq_2bit_on_a_real_layer_at_fewer_bits(real_block) -> None:
+    """AQLM 2x8 (2.23 bits per weight on this 576-wide layer, codebooks included) against
+    GPTQ 2-bit g64 asymmetric (2 + 18/64 = 2.28): measured 0.0095 vs 0.0182 of tr(W H W^T)
+    on block 3's q_proj (and 0.0314 vs 0.0541 on down_proj; GPTQ 3-bit g64 reaches
+    0.0029 and 0.0075 at 3.28 bits)."""
+    from algorithms.aqlm import fit
+    from algorithms.codebook import CodebookScheme, decode
+
+    runner, hessians = real_block
+    W = runner.layer.get_submodule("self_attn.q_proj").weight.detach()
+    H = torch.from_numpy(hessians[runner.layout.group_of("self_attn.q_proj")])
+    grid = UniformScheme(bits=2, group_size=64, sym=False)
+    gptq_err = proxy_error(W, dequantize(gptq(W, H, grid, GPTQConfig(act_order=True))), H)
+    scheme = CodebookScheme(num_codebooks=2, nbits_per_codebook=8, in_group_size=8)
+    cw, history = fit(W, H, scheme)
+    assert scheme.bits_per_weight(*W.shape) < 2 + 18 / 64
+    aqlm_err = proxy_error(W, decode(cw), H)
+    assert aqlm_err == pytest.approx(history[-1], rel=1e-3)  # the fit's own account of its error
+    assert aqlm_err < 0.65 * gptq_err, (aqlm_err, gptq_err)
