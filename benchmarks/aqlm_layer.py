@@ -42,7 +42,7 @@ from algorithms.aqlm import (
 from algorithms.codebook import CodebookScheme
 from algorithms.gptq import GPTQConfig, gptq, prepare
 from algorithms.types import UniformScheme
-from pipeline.driver import balance
+from pipeline.balance import balance
 
 LLAMA_70B = {  # linear: (out, in), 80 blocks
     "q_proj": (8192, 8192),
@@ -99,10 +99,10 @@ def main() -> None:
     rows = args.rows or out
     Wr = W[:rows]
 
-    _, t_prepare = timed(args.device, prepare, H.cpu() if args.device == "cpu" else H, GPTQConfig(act_order=True))
-    prepared = prepare(H, GPTQConfig(act_order=True))
-    grid = UniformScheme(bits=2, group_size=64, sym=False)
-    _, t_gptq_rows = timed(args.device, lambda: gptq(Wr, H, grid, GPTQConfig(act_order=True), prepared))
+    with torch.device(args.device):  # GPTQ's factories (eye, zeros) on the layer's device
+        prepared, t_prepare = timed(args.device, prepare, H, GPTQConfig(act_order=True))
+        grid = UniformScheme(bits=2, group_size=64, sym=False)
+        _, t_gptq_rows = timed(args.device, lambda: gptq(Wr, H, grid, GPTQConfig(act_order=True), prepared))
 
     whole = Shard(W=W, codes=W.new_zeros(0, dtype=torch.int64), scales=initial_scales(W))
     (books, codes), t_init = timed(args.device, initial_codebooks, whole, H, scheme, config)  # on all rows

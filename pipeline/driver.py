@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from tqdm import tqdm
 
 from pipeline import cluster
+from pipeline.balance import balance
 from pipeline.cluster import WorkerLostError
 from pipeline.errors import LaminaError
 from pipeline.export import export
@@ -76,18 +77,6 @@ class Worker:
 
 def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-
-
-def balance(costs: list[int], workers: int) -> list[list[int]]:
-    """Largest cost first onto the least loaded worker: deterministic, cost-balanced
-    shares of the indices of `costs`."""
-    shares: list[list[int]] = [[] for _ in range(workers)]
-    load = [0] * workers
-    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        w = load.index(min(load))
-        shares[w].append(i)
-        load[w] += costs[i]
-    return shares
 
 
 def quantization_config(recipe: Recipe) -> dict:
