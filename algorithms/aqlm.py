@@ -26,11 +26,12 @@ workers by rows is the same computation as in one process.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
 from algorithms.codebook import CodebookScheme, CodebookWeight, store_codes
-from algorithms.kmeans import kmeans
+from algorithms.kmeans import assign, kmeans
 
 SEARCH_SCORES = 2**21  # candidate scores held at once: rows searched together = this / (beam * K)
 CG_TOL = 1e-5  # codebook updates stop once the residual of the normal equations falls by this factor
@@ -153,18 +154,18 @@ def codebook_terms(shard: Shard, books: torch.Tensor, H: torch.Tensor, P: torch.
     return scatter(shard.codes, V.reshape(rows, -1, g), K)
 
 
-def update_codebooks(shards: list[Shard], books: torch.Tensor, H: torch.Tensor, iters: int) -> torch.Tensor:
-    """Conjugate gradients on A C = b from the current codebooks; the sums over shards in
-    shard order. Never raises L (CG lowers the quadratic at every step from its start)."""
+def update_codebooks(pieces: Pieces, books: torch.Tensor, iters: int) -> torch.Tensor:
+    """Conjugate gradients on A C = b from the current codebooks; the sums over pieces in
+    row order. Never raises L (CG lowers the quadratic at every step from its start)."""
     M, K, g = books.shape
     C = books.reshape(M * K, g).clone()  # [M*K, g]
-    r = sum_in_order(codebook_terms(sh, books, H, None) for sh in shards)  # [M*K, g]
+    r = sum_in_order(pieces.terms(books, None)).to(C.device)  # [M*K, g]
     p, rr = r.clone(), float((r * r).sum())
     floor = CG_TOL**2 * rr
     for _ in range(iters):
         if rr <= floor:  # converged: further float32 steps only lose orthogonality
             break
-        Ap = sum_in_order(codebook_terms(sh, books, H, p) for sh in shards)  # [M*K, g]
+        Ap = sum_in_order(pieces.terms(books, p)).to(C.device)  # [M*K, g]
         pAp = float((p * Ap).sum())
         if pAp <= 0:
             break
@@ -206,50 +207,157 @@ def initial_scales(W: torch.Tensor) -> torch.Tensor:
     return torch.where(rms > 0, rms, torch.ones_like(rms)).half().float()
 
 
-def initial_codebooks(
-    shard: Shard, H: torch.Tensor, scheme: CodebookScheme, config: AQLMConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual k-means: codebook m clusters what codebooks 0..m-1 left of the
-    row-normalised groups, each coordinate weighted by its input's H diagonal.
-    Returns (books [M, K, g] float16-rounded, codes [rows, G, M])."""
-    M, K, g = scheme.num_codebooks, scheme.codebook_size, scheme.in_group_size
-    rows = len(shard.W)
-    X = (shard.W / shard.scales[:, None]).reshape(-1, g)  # [rows*G, g]
-    weights = H.diagonal().clamp(min=0).reshape(1, -1, g).expand(rows, -1, g).reshape(-1, g)  # [rows*G, g]
-    books, codes, resid = [], [], X.clone()
+def residual_kmeans(X: torch.Tensor, weights: torch.Tensor, K: int, M: int, config: AQLMConfig) -> torch.Tensor:
+    """Codebook m clusters what codebooks 0..m-1 left of the points X [S, g] (weighted per
+    coordinate): books [M, K, g], float16-rounded."""
+    books, resid = [], X.clone()
     for m in range(M):
-        C, idx = kmeans(resid, weights, K, iters=config.kmeans_iters, seed=config.seed + m, sample=KMEANS_POINTS * K)
+        C, idx = kmeans(resid, weights, K, iters=config.kmeans_iters, seed=config.seed + m)
         C = C.half().float()
         books.append(C)
+        resid -= C[idx]
+    return torch.stack(books)
+
+
+def residual_codes(X: torch.Tensor, weights: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
+    """Each point's code in each codebook, in turn on what the earlier ones left: [S, M]."""
+    codes, resid = [], X.clone()
+    for C in books:
+        idx = assign(resid, weights, C)
         codes.append(idx)
         resid -= C[idx]
-    return torch.stack(books), torch.stack(codes, dim=1).reshape(rows, -1, M)
+    return torch.stack(codes, dim=1)
+
+
+# ---- the pieces of a linear -----------------------------------------------------------
+@dataclass
+class LocalPieces:
+    """Row pieces of one linear held here (all of them, or a worker's share): each method
+    acts on every piece and returns per-piece results in row order, so that pieces held
+    in several places are combined by concatenating their lists in row order."""
+
+    shards: list[Shard]  # by first row
+    firsts: list[int]  # each shard's first row in the whole linear
+    H: torch.Tensor  # [in, in]
+    g: int  # in_group_size
+
+    @classmethod
+    def of(cls, W: torch.Tensor, ranges: list[tuple[int, int]], H: torch.Tensor, g: int) -> LocalPieces:
+        """Rows first..last-1 of W [out, in] for each (first, last), as pieces in row order."""
+        ranges = sorted(ranges)
+        shards = []
+        for first, last in ranges:
+            rows = W[first:last].float()  # [rows, in]
+            shards.append(Shard(W=rows, codes=rows.new_zeros(0, dtype=torch.int64), scales=initial_scales(rows)))
+        return cls(shards=shards, firsts=[first for first, _ in ranges], H=H.float(), g=g)
+
+    def points(self) -> int:
+        """Groups held: rows * G over the pieces."""
+        return sum(shard.W.numel() for shard in self.shards) // self.g
+
+    def _here(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.H.device)
+
+    def _points(self, shard: Shard) -> tuple[torch.Tensor, torch.Tensor]:
+        """The row-normalised groups [rows*G, g] and their weights diag(H) per input."""
+        rows, g = len(shard.W), self.g
+        X = (shard.W / shard.scales[:, None]).reshape(-1, g)  # [rows*G, g]
+        w = self.H.diagonal().clamp(min=0).reshape(1, -1, g).expand(rows, -1, g).reshape(-1, g)  # [rows*G, g]
+        return X, w
+
+    def sample(self, picks: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per piece: (positions in `picks` of the points it holds, their X, their weights);
+        point n of the linear is group n % G of row n // G."""
+        out = []
+        for shard, first in zip(self.shards, self.firsts, strict=True):
+            G = shard.W.shape[1] // self.g
+            lo, hi = first * G, (first + len(shard.W)) * G
+            pos = ((picks >= lo) & (picks < hi)).nonzero()[:, 0]  # [n]
+            X, w = self._points(shard)
+            local = picks[pos] - lo
+            out.append((pos, X[local], w[local]))
+        return out
+
+    def assign(self, books: torch.Tensor) -> None:
+        books = self._here(books)
+        for k, shard in enumerate(self.shards):
+            X, w = self._points(shard)
+            codes = residual_codes(X, w, books).reshape(len(shard.W), -1, len(books))  # [rows, G, M]
+            self.shards[k] = fit_scales(replace(shard, codes=codes), books, self.H)
+
+    def search(self, books: torch.Tensor, beam: int) -> None:
+        self.shards = [search_codes(shard, self._here(books), self.H, beam) for shard in self.shards]
+
+    def fit_scales(self, books: torch.Tensor) -> None:
+        self.shards = [fit_scales(shard, self._here(books), self.H) for shard in self.shards]
+
+    def terms(self, books: torch.Tensor, P: torch.Tensor | None) -> list[torch.Tensor]:
+        books, P = self._here(books), None if P is None else self._here(P)
+        return [codebook_terms(shard, books, self.H, P) for shard in self.shards]
+
+    def losses(self, books: torch.Tensor) -> list[float]:
+        return [loss(shard, self._here(books), self.H) for shard in self.shards]
+
+    def weights(self, books: torch.Tensor, scheme: CodebookScheme) -> list[CodebookWeight]:
+        return [pack(shard, self._here(books), scheme) for shard in self.shards]
+
+
+class Pieces(Protocol):
+    """All row pieces of a linear, wherever they are held (LocalPieces, or workers)."""
+
+    def points(self) -> int: ...
+    def sample(self, picks: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
+    def assign(self, books: torch.Tensor) -> None: ...
+    def search(self, books: torch.Tensor, beam: int) -> None: ...
+    def fit_scales(self, books: torch.Tensor) -> None: ...
+    def terms(self, books: torch.Tensor, P: torch.Tensor | None) -> list[torch.Tensor]: ...
+    def losses(self, books: torch.Tensor) -> list[float]: ...
 
 
 # ---- the fit ------------------------------------------------------------------------
+def fit_pieces(pieces: Pieces, scheme: CodebookScheme, config: AQLMConfig) -> tuple[torch.Tensor, list[float]]:
+    """The alternation over a linear's row pieces: the codebooks [M, K, g] and L after the
+    initialisation and after each round. Sums over pieces are taken in row order, so the
+    result depends on where the pieces are cut, never on where they are held.
+
+    Initialisation: residual k-means on KMEANS_POINTS * K points drawn with the seed from
+    all rows (all points if fewer), then every point's codes by residual assignment."""
+    M, K, g = scheme.num_codebooks, scheme.codebook_size, scheme.in_group_size
+    N = pieces.points()
+    picks = torch.randperm(N, generator=torch.Generator().manual_seed(config.seed))[: KMEANS_POINTS * K]
+    X, w = torch.zeros(len(picks), g), torch.zeros(len(picks), g)  # [S, g]
+    for pos, Xp, wp in pieces.sample(picks):
+        X[pos], w[pos] = Xp.cpu(), wp.cpu()
+    books = residual_kmeans(X, w, K, M, config)  # [M, K, g]
+
+    def total(books: torch.Tensor) -> float:
+        return sum(pieces.losses(books))
+
+    pieces.assign(books)
+    history = [total(books)]
+    for _ in range(config.max_iters):
+        pieces.search(books, config.beam_size)
+        searched = total(books)
+        updated = update_codebooks(pieces, books, config.cg_iters).half().float()
+        if total(updated) < searched:  # float16 rounding can undo a tiny CG gain
+            books = updated
+        pieces.fit_scales(books)
+        history.append(total(books))
+        if history[-2] - history[-1] <= config.rel_tol * history[-2]:
+            break
+    return books, history
+
+
 def fit(
     W: torch.Tensor, H: torch.Tensor, scheme: CodebookScheme, config: AQLMConfig = AQLMConfig()
 ) -> tuple[CodebookWeight, list[float]]:
-    """Fit W [out, in] in the codebook format under H [in, in]; returns the weight and L
-    after initialisation and after each iteration."""
-    W = W.float()
-    H = H.float()
+    """Fit W [out, in] in the codebook format under H [in, in] (as one piece); returns the
+    weight and L after initialisation and after each round."""
     scheme.groups(W.shape[1])
-    shard = Shard(W=W, codes=W.new_zeros(0, dtype=torch.int64), scales=initial_scales(W))
-    books, codes = initial_codebooks(shard, H, scheme, config)
-    shard = fit_scales(replace(shard, codes=codes), books, H)
-    history = [loss(shard, books, H)]
-    for _ in range(config.max_iters):
-        shard = search_codes(shard, books, H, config.beam_size)
-        searched = loss(shard, books, H)
-        updated = update_codebooks([shard], books, H, config.cg_iters).half().float()
-        if loss(shard, updated, H) < searched:  # float16 rounding can undo a tiny CG gain
-            books = updated
-        shard = fit_scales(shard, books, H)
-        history.append(loss(shard, books, H))
-        if history[-2] - history[-1] <= config.rel_tol * history[-2]:
-            break
-    return pack(shard, books, scheme), history
+    pieces = LocalPieces.of(W, [(0, len(W))], H, scheme.in_group_size)
+    books, history = fit_pieces(pieces, scheme, config)
+    (weight,) = pieces.weights(books, scheme)
+    return weight, history
 
 
 def pack(shard: Shard, books: torch.Tensor, scheme: CodebookScheme) -> CodebookWeight:

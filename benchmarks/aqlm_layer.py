@@ -30,15 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algorithms.aqlm import (
-    AQLMConfig,
-    Shard,
-    fit_scales,
-    initial_codebooks,
-    initial_scales,
-    search_codes,
-    update_codebooks,
-)
+from algorithms.aqlm import AQLMConfig, LocalPieces, fit_pieces, update_codebooks
 from algorithms.codebook import CodebookScheme
 from algorithms.gptq import GPTQConfig, gptq, prepare
 from algorithms.types import UniformScheme
@@ -104,12 +96,13 @@ def main() -> None:
         grid = UniformScheme(bits=2, group_size=64, sym=False)
         _, t_gptq_rows = timed(args.device, lambda: gptq(Wr, H, grid, GPTQConfig(act_order=True), prepared))
 
-    whole = Shard(W=W, codes=W.new_zeros(0, dtype=torch.int64), scales=initial_scales(W))
-    (books, codes), t_init = timed(args.device, initial_codebooks, whole, H, scheme, config)  # on all rows
-    shard = replace(whole, W=Wr, codes=codes[:rows], scales=whole.scales[:rows])
-    shard, t_search = timed(args.device, search_codes, shard, books, H, config.beam_size)
-    books, t_books = timed(args.device, lambda: update_codebooks([shard], books, H, config.cg_iters).half().float())
-    shard, t_scales = timed(args.device, fit_scales, shard, books, H)
+    whole = LocalPieces.of(W, [(0, out)], H, scheme.in_group_size)
+    _, t_init = timed(args.device, lambda: fit_pieces(whole, scheme, replace(config, max_iters=0)))  # on all rows
+    pieces = LocalPieces.of(Wr, [(0, rows)], H, scheme.in_group_size)
+    books, _ = fit_pieces(pieces, scheme, replace(config, max_iters=0))
+    _, t_search = timed(args.device, pieces.search, books, config.beam_size)
+    books, t_books = timed(args.device, lambda: update_codebooks(pieces, books, config.cg_iters).half().float())
+    _, t_scales = timed(args.device, pieces.fit_scales, books)
 
     scale = out / rows
     per_round = (t_search + t_books + t_scales) * scale

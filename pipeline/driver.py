@@ -30,6 +30,7 @@ from tqdm import tqdm
 from pipeline import cluster
 from pipeline.balance import balance
 from pipeline.cluster import WorkerLostError
+from pipeline.codebook_fit import fit_codebooks
 from pipeline.errors import LaminaError
 from pipeline.export import export
 from pipeline.plan import BlockPlan, Plan, SolveTask, make_plan
@@ -264,6 +265,10 @@ class Run:
         """The tasks spread over `runners` by cost; references to their solved pieces."""
         scheme = self.plan.recipe.scheme
         tokens = 0 if self.plan.calibration is None else self.plan.calibration.size
+        if scheme.codebook:  # row pieces that share codebooks: fit together, driven from here
+            return fit_codebooks(
+                self.ray, runners, block, tasks, hessians, tokens=tokens, scheme=scheme.format, config=scheme.options
+            )
         shares = balance([t.cost for t in tasks], len(runners))
         return [
             runner.solve.remote(
@@ -280,9 +285,7 @@ class Run:
         ]
 
     def tasks(self, block: BlockPlan) -> list[SolveTask]:
-        scheme = self.plan.recipe.scheme
-        rows = 0 if scheme.codebook else scheme.solve_rows  # a codebook is fit to all of a linear's rows
-        return [t for lin in block.linears for t in lin.pieces(rows)]
+        return [t for lin in block.linears for t in lin.pieces(self.plan.recipe.scheme.solve_rows)]
 
     def block(self, block: BlockPlan) -> tuple[FileRecord, list[str], dict[str, float]]:
         """Quantize one block and write its shard into staging.

@@ -10,8 +10,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from algorithms.aqlm import AQLMConfig, Shard, fit, fit_scales, loss, search_codes, update_codebooks
+from algorithms.aqlm import AQLMConfig, LocalPieces, Shard, fit, fit_scales, loss, search_codes, update_codebooks
 from algorithms.codebook import CodebookScheme, CodebookWeight, decode, load_codes, store_codes
 from kernels import CodebookLinear, codebook_cpu, quant_linear
 from pipeline.recipe import parse
@@ -96,7 +97,7 @@ def test_codebook_update_reaches_the_least_squares_optimum() -> None:
     g = torch.Generator().manual_seed(3)
     shard = Shard(W=W, codes=torch.randint(0, 3, (7, 4, 2), generator=g), scales=torch.rand(7, generator=g) + 0.5)
     books = torch.randn(2, 3, 2, generator=g)  # 12 unknowns
-    fitted = update_codebooks([shard], books, H, iters=40)
+    fitted = update_codebooks(LocalPieces([shard], [0], H, 2), books, iters=40)
     n = books.numel()
 
     def err(flat: torch.Tensor) -> float:
@@ -186,8 +187,9 @@ def test_a_codebook_recipe_is_checked_before_work(tmp_path, small_model) -> None
 def test_aqlm_runs_distributed_to_the_same_bytes_and_evaluates_on_its_kernels(
     tmp_path, ray_cluster, small_model, docs_dir
 ) -> None:
-    """One and two workers give the same shards; the artifact's linears are codebook
-    linears that eval runs through the CPU lookup kernel, and the aqlm export loads."""
+    """One and two workers give the same shards (the 1536-row linears cut into 3 pieces
+    that share codebooks, fit across the workers); eval runs the codebook linears through
+    the CPU kernel; the aqlm export is written."""
     from pipeline.driver import quantize
     from pipeline.evaluate import evaluate
     from pipeline.export import export
@@ -200,6 +202,14 @@ def test_aqlm_runs_distributed_to_the_same_bytes_and_evaluates_on_its_kernels(
         doc = small_recipe_doc(tmp_path / f"w{workers}", small_model, scheme=TINY_AQLM, resources={"workers": workers})
         reports[workers] = quantize(parse(doc), progress=False)
     assert shard_hashes(reports[1].output) == shard_hashes(reports[2].output)
+    # gate_proj's 1536 rows were fit as 3 pieces of 512 (solve_rows) on different workers: one codebook
+    with safe_open(f"{reports[2].output}/model-00001-of-00005.safetensors", "pt") as f:
+        codes, books = (
+            f.get_tensor("model.layers.0.mlp.gate_proj.codes"),
+            f.get_tensor("model.layers.0.mlp.gate_proj.codebooks"),
+        )
+    assert codes.shape == (1536, 576 // 8, 2) and books.shape == (2, 16, 1, 8)
+    assert len(load_codes(codes, 4).unique()) > 8  # the pieces use the shared codewords
     config = read_manifest(reports[1].output)
     data = EvalData(source=str(docs_dir / "tutorial"), glob="*.rst.txt", tokens=1024, window=512, long_window=512)
     result = evaluate(reports[2].output, data, Resources(workers=2), against=str(small_model), progress=False)

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
 from algorithms import PREPARERS, QUANTIZERS, CodebookScheme, Format, UniformScheme, Weight, weight_from_tensors
+from algorithms.aqlm import LocalPieces
 from algorithms.hessian import input_gram
 from kernels import choose, quant_linear
 from kernels.backends import Requested
@@ -67,6 +68,7 @@ def stored_format(qc: dict) -> Format | None:
     return UniformScheme(bits=qc["bits"], group_size=qc["group_size"], sym=qc.get("sym", True))
 
 
+CODEBOOK_OPS = ("sample", "assign", "search", "fit_scales", "terms", "losses")
 STORED = ("qweight", "scales", "qzeros", "g_idx", "codes", "codebooks")  # suffixes of a quantized linear's tensors
 
 
@@ -210,6 +212,7 @@ class BlockRunner:
         self.layer: nn.Module | None = None
         self.raw: dict[str, torch.Tensor] = {}  # the loaded block's stored tensors, by local name
         self.index = -1
+        self.fits: dict[str, LocalPieces] = {}  # linear -> the pieces of its codebook fit held here
 
     def reopen(self, model_uri: str) -> None:
         """Read blocks from another checkpoint of the same architecture from now on (eval:
@@ -392,6 +395,43 @@ class BlockRunner:
             qw = QUANTIZERS[algorithm](W, H, scheme, options, prepared.get(group))
             out.append((linear, first, {**to_arrays(qw), "error": weighted_error(W, qw, H)}))
             log.debug("block %d %s rows %d:%d quantized", self.index, linear, first, last)
+        return out
+
+    # ---- codebook fits, split by rows (pipeline/codebook_fit.py drives them) ---------
+    @torch.inference_mode()
+    def codebook_open(
+        self, block: int, tasks: list[tuple[str, int, int]], hessians: Arrays, *, tokens: int, scheme: CodebookScheme
+    ) -> int:
+        """Hold rows first..last-1 of each named linear of the loaded block as pieces of
+        its codebook fit (one LocalPieces per linear, a Hessian shared by its group)."""
+        if block != self.index:
+            raise RuntimeError(f"asked to fit block {block}, but block {self.index} is loaded")
+        H = {group: torch.from_numpy(hessians[group]) / tokens for group in {self.layout.group_of(t[0]) for t in tasks}}
+        self.fits = {}
+        for linear in sorted({t[0] for t in tasks}):
+            W = self.layer.get_submodule(linear).weight.detach()  # [out, in]
+            ranges = [(first, last) for name, first, last in tasks if name == linear]
+            self.fits[linear] = LocalPieces.of(W, ranges, H[self.layout.group_of(linear)], scheme.in_group_size)
+        return len(tasks)
+
+    def codebook_call(self, linear: str, op: str, *args: object) -> object:
+        """One step of a linear's fit on the pieces held here (see algorithms.aqlm.Pieces)."""
+        if op not in CODEBOOK_OPS:
+            raise ValueError(f"unknown codebook fit step {op!r}")
+        return getattr(self.fits[linear], op)(*args)
+
+    def codebook_firsts(self) -> dict[str, list[int]]:
+        return {linear: pieces.firsts for linear, pieces in self.fits.items()}
+
+    @torch.inference_mode()
+    def codebook_finish(self, books: dict[str, torch.Tensor], scheme: CodebookScheme) -> list[Piece]:
+        """The held pieces as solved pieces with the linears' final codebooks; forgets them."""
+        out = []
+        for linear, pieces in sorted(self.fits.items()):
+            weights = pieces.weights(books[linear], scheme)
+            for first, shard, cw in zip(pieces.firsts, pieces.shards, weights, strict=True):
+                out.append((linear, first, {**to_arrays(cw), "error": weighted_error(shard.W, cw, pieces.H)}))
+        self.fits = {}
         return out
 
     def install(self, scheme: Format, *solved: list[Piece]) -> None:
