@@ -35,7 +35,8 @@ from algorithms.kmeans import assign, kmeans
 
 SEARCH_SCORES = 2**21  # candidate scores held at once: rows searched together = this / (beam * K)
 CG_TOL = 1e-5  # codebook updates stop once the residual of the normal equations falls by this factor
-KMEANS_POINTS = 256  # k-means iterates on this many points per centroid, drawn from all groups
+KMEANS_POINTS = 256  # k-means iterates on this many points per centroid, drawn from all groups,
+KMEANS_MAX_POINTS = 2**20  # and at most this many (1x16: 16 per centroid; each Lloyd step is points x K)
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class AQLMConfig:
     codebook at initialisation; cg_iters: conjugate-gradient steps per codebook update;
     seed: k-means' starting points."""
 
-    beam_size: int = 1
+    beam_size: int = 4
     max_iters: int = 10
     rel_tol: float = 0.01
     kmeans_iters: int = 8
@@ -320,11 +321,13 @@ def fit_pieces(pieces: Pieces, scheme: CodebookScheme, config: AQLMConfig) -> tu
     initialisation and after each round. Sums over pieces are taken in row order, so the
     result depends on where the pieces are cut, never on where they are held.
 
-    Initialisation: residual k-means on KMEANS_POINTS * K points drawn with the seed from
-    all rows (all points if fewer), then every point's codes by residual assignment."""
+    Initialisation: residual k-means on min(KMEANS_POINTS * K, KMEANS_MAX_POINTS) points
+    drawn with the seed from all rows (all points if fewer), then every point's codes by
+    residual assignment."""
     M, K, g = scheme.num_codebooks, scheme.codebook_size, scheme.in_group_size
     N = pieces.points()
-    picks = torch.randperm(N, generator=torch.Generator().manual_seed(config.seed))[: KMEANS_POINTS * K]
+    S = min(KMEANS_POINTS * K, KMEANS_MAX_POINTS)
+    picks = torch.randperm(N, generator=torch.Generator().manual_seed(config.seed))[:S]
     X, w = torch.zeros(len(picks), g), torch.zeros(len(picks), g)  # [S, g]
     for pos, Xp, wp in pieces.sample(picks):
         X[pos], w[pos] = Xp.cpu(), wp.cpu()

@@ -101,7 +101,7 @@ class AQLMOptions(Strict):
     num_codebooks: int = Field(2, ge=1, le=8)
     nbits_per_codebook: int = Field(8, ge=1, le=16)
     in_group_size: int = Field(8, ge=1, le=64)
-    beam_size: int = Field(1, ge=1, description="hypotheses kept in the code search over the codebooks")
+    beam_size: int = Field(4, ge=1, description="hypotheses kept in the code search over the codebooks")
     max_iters: int = Field(10, ge=0, description="code search / codebook update / scale rounds at most")
     rel_tol: float = Field(0.01, ge=0, description="stop when a round lowers the error by less than this share")
     kmeans_iters: int = Field(8, ge=1)

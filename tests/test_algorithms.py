@@ -277,9 +277,9 @@ def test_a_shared_prepared_hessian_gives_the_same_codes() -> None:
 
 def test_aqlm_2bit_beats_gptq_2bit_on_a_real_layer_at_fewer_bits(real_block) -> None:
     """AQLM 2x8 (2.23 bits per weight on this 576-wide layer, codebooks included) against
-    GPTQ 2-bit g64 asymmetric (2 + 18/64 = 2.28): measured 0.0095 vs 0.0182 of tr(W H W^T)
-    on block 3's q_proj (and 0.0314 vs 0.0541 on down_proj; GPTQ 3-bit g64 reaches
-    0.0029 and 0.0075 at 3.28 bits)."""
+    GPTQ 2-bit g64 asymmetric (2 + 18/64 = 2.28): measured 0.0086 vs 0.0182 of tr(W H W^T)
+    on block 3's q_proj (and 0.0279 vs 0.0541 on down_proj; beam 1: 0.0096 and 0.0317;
+    GPTQ 3-bit g64 reaches 0.0029 and 0.0075 at 3.28 bits)."""
     from algorithms.aqlm import fit
     from algorithms.codebook import CodebookScheme, decode
 
@@ -293,4 +293,4 @@ def test_aqlm_2bit_beats_gptq_2bit_on_a_real_layer_at_fewer_bits(real_block) -> 
     assert scheme.bits_per_weight(*W.shape) < 2 + 18 / 64
     aqlm_err = proxy_error(W, decode(cw), H)
     assert aqlm_err == pytest.approx(history[-1], rel=1e-3)  # the fit's own account of its error
-    assert aqlm_err < 0.65 * gptq_err, (aqlm_err, gptq_err)
+    assert aqlm_err < 0.6 * gptq_err, (aqlm_err, gptq_err)
