@@ -12,8 +12,9 @@ round is timed on `--rows` of the rows and scaled up; on a GPU pass `--rows 0`.
 The 70B extrapolation: each block's linears (q 8192x8192, k/v 1024x8192, o 8192x8192,
 gate/up 28672x8192, down 8192x28672) get their fit time from the measured time per row
 of this layer, scaled by in-width (8192 -> 28672 for down: the search and the Hessian
-products grow as in * (M*K + in)); the planner's `balance` spreads a block's linears
-over N workers (a linear is fit whole, on one worker), and blocks run one after another.
+products grow as in * (M*K + in)); the planner's `balance` spreads a block's row pieces
+over N workers in pieces of `--solve-rows` rows (the recipe's solve_rows; the pieces of a
+linear share its codebooks and run in step), and blocks run one after another.
 The published reference: AQLM's code needs about a day for a 7B model on one A100 and
 one to two weeks for a 70B (Egiazarian et al. 2024, and the repository's README).
 """
@@ -70,23 +71,8 @@ def layer(out: int, inp: int, device: str, seed: int = 0) -> tuple[torch.Tensor,
     return W.to(device), (X.T @ X / len(X)).to(device)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="8192x8192", help="OUTxIN")
-    ap.add_argument("--rows", type=int, default=256, help="rows timed (0: all)")
-    ap.add_argument("--scheme", default="2x8", help="MxBITS with groups of 8, e.g. 2x8 or 1x16")
-    ap.add_argument("--iters", type=int, default=10, help="AQLM rounds assumed for the whole fit")
-    ap.add_argument("--beam", type=int, default=1)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--workers", default="8,16,64", help="worker counts for the 70B extrapolation")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out, inp = map(int, args.shape.split("x"))
-    M, bits = map(int, args.scheme.split("x"))
-    scheme = CodebookScheme(num_codebooks=M, nbits_per_codebook=bits, in_group_size=8)
-    config = AQLMConfig(beam_size=args.beam)
+def measure(args: argparse.Namespace, out: int, inp: int, scheme: CodebookScheme, config: AQLMConfig) -> float:
+    """Time the fit's phases and GPTQ's on this layer; print them; the AQLM layer's seconds."""
     W, H = layer(out, inp, args.device)
     rows = args.rows or out
     Wr = W[:rows]
@@ -119,6 +105,29 @@ def main() -> None:
     print(f"  GPTQ 2-bit g64 layer      {gptq_layer:9.1f} s  (factorization {t_prepare:.1f} s)")
     print(f"  ratio AQLM / GPTQ         {aqlm_layer / gptq_layer:9.1f}x")
 
+    return aqlm_layer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="8192x8192", help="OUTxIN")
+    ap.add_argument("--rows", type=int, default=256, help="rows timed (0: all)")
+    ap.add_argument("--scheme", default="2x8", help="MxBITS with groups of 8, e.g. 2x8 or 1x16")
+    ap.add_argument("--iters", type=int, default=10, help="AQLM rounds assumed for the whole fit")
+    ap.add_argument("--beam", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--workers", default="8,16,64", help="worker counts for the 70B extrapolation")
+    ap.add_argument("--layer-seconds", type=float, default=0, help="skip timing: extrapolate from this fit time")
+    ap.add_argument("--solve-rows", type=int, default=8192, help="rows per piece (scheme.solve_rows)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out, inp = map(int, args.shape.split("x"))
+    M, bits = map(int, args.scheme.split("x"))
+    scheme = CodebookScheme(num_codebooks=M, nbits_per_codebook=bits, in_group_size=8)
+    config = AQLMConfig(beam_size=args.beam)
+    aqlm_layer = args.layer_seconds or measure(args, out, inp, scheme, config)
     per_row = aqlm_layer / out  # seconds per row at this width
 
     def fit_seconds(o: int, i: int) -> float:
@@ -128,12 +137,14 @@ def main() -> None:
     costs = {name: fit_seconds(o, i) for name, (o, i) in LLAMA_70B.items()}
     print(f"Llama-3-70B ({BLOCKS_70B} blocks), fit time per linear: "
           + ", ".join(f"{n} {s / 60:.1f} min" for n, s in costs.items()))  # fmt: skip
-    names = list(costs)
+    step = args.solve_rows
+    pieces = [fit_seconds(min(step, o - a), i) for o, i in LLAMA_70B.values() for a in range(0, o, step)]
+    print(f"  pieces of {step} rows: {len(pieces)} per block, the largest {max(pieces) / 60:.1f} min")
     for n in [int(w) for w in args.workers.split(",")]:
-        shares = balance([round(costs[k] * 1000) for k in names], n)
-        block = max(sum(costs[names[i]] for i in share) for share in shares)
+        shares = balance([round(c * 1000) for c in pieces], n)
+        block = max(sum(pieces[i] for i in share) for share in shares)
         print(f"  {n:4d} workers: {block / 60:7.1f} min per block, {BLOCKS_70B * block / 3600:7.1f} h for the model "
-              f"(fits only; whole linears per worker: a block takes at least its largest linear)")  # fmt: skip
+              "(fits only)")  # fmt: skip
     print("  published reference: ~1 day for a 7B on one A100; 1-2 weeks for a 70B (AQLM README)")
 
 
