@@ -299,6 +299,9 @@ class LocalPieces:
     def losses(self, books: torch.Tensor) -> list[float]:
         return [loss(shard, self._here(books), self.H) for shard in self.shards]
 
+    def initial_books(self, X: torch.Tensor, weights: torch.Tensor, K: int, M: int, config: AQLMConfig) -> torch.Tensor:
+        return residual_kmeans(self._here(X), self._here(weights), K, M, config).cpu()
+
     def weights(self, books: torch.Tensor, scheme: CodebookScheme) -> list[CodebookWeight]:
         return [pack(shard, self._here(books), scheme) for shard in self.shards]
 
@@ -307,6 +310,9 @@ class Pieces(Protocol):
     """All row pieces of a linear, wherever they are held (LocalPieces, or workers)."""
 
     def points(self) -> int: ...
+    def initial_books(
+        self, X: torch.Tensor, weights: torch.Tensor, K: int, M: int, config: AQLMConfig
+    ) -> torch.Tensor: ...
     def sample(self, picks: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
     def assign(self, books: torch.Tensor) -> None: ...
     def search(self, books: torch.Tensor, beam: int) -> None: ...
@@ -331,7 +337,7 @@ def fit_pieces(pieces: Pieces, scheme: CodebookScheme, config: AQLMConfig) -> tu
     X, w = torch.zeros(len(picks), g), torch.zeros(len(picks), g)  # [S, g]
     for pos, Xp, wp in pieces.sample(picks):
         X[pos], w[pos] = Xp.cpu(), wp.cpu()
-    books = residual_kmeans(X, w, K, M, config)  # [M, K, g]
+    books = pieces.initial_books(X, w, K, M, config)  # [M, K, g], where the pieces are (a worker: GPU)
 
     def total(books: torch.Tensor) -> float:
         return sum(pieces.losses(books))

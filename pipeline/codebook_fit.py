@@ -52,6 +52,12 @@ class RemotePieces:
     def sample(self, picks: torch.Tensor) -> list:
         return self._in_row_order("sample", picks)
 
+    def initial_books(self, X: torch.Tensor, weights: torch.Tensor, K: int, M: int, config: AQLMConfig) -> torch.Tensor:
+        """The k-means of the sample, on the first holder (not in the driver)."""
+        return cluster.get(
+            self.ray, self.holders[0].codebook_call.remote(self.linear, "initial_books", X, weights, K, M, config)
+        )
+
     def assign(self, books: torch.Tensor) -> None:
         self._each("assign", books)
 

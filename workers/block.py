@@ -68,7 +68,7 @@ def stored_format(qc: dict) -> Format | None:
     return UniformScheme(bits=qc["bits"], group_size=qc["group_size"], sym=qc.get("sym", True))
 
 
-CODEBOOK_OPS = ("sample", "assign", "search", "fit_scales", "terms", "losses")
+CODEBOOK_OPS = ("sample", "initial_books", "assign", "search", "fit_scales", "terms", "losses")
 STORED = ("qweight", "scales", "qzeros", "g_idx", "codes", "codebooks")  # suffixes of a quantized linear's tensors
 
 
