@@ -235,7 +235,8 @@ def residual_codes(X: torch.Tensor, weights: torch.Tensor, books: torch.Tensor) 
 class LocalPieces:
     """Row pieces of one linear held here (all of them, or a worker's share): each method
     acts on every piece and returns per-piece results in row order, so that pieces held
-    in several places are combined by concatenating their lists in row order."""
+    in several places are combined by concatenating their lists in row order. The pieces
+    live on H's device; what the methods take and return lives on the CPU."""
 
     shards: list[Shard]  # by first row
     firsts: list[int]  # each shard's first row in the whole linear
@@ -275,8 +276,8 @@ class LocalPieces:
             lo, hi = first * G, (first + len(shard.W)) * G
             pos = ((picks >= lo) & (picks < hi)).nonzero()[:, 0]  # [n]
             X, w = self._points(shard)
-            local = picks[pos] - lo
-            out.append((pos, X[local], w[local]))
+            local = (picks[pos] - lo).to(X.device)
+            out.append((pos, X[local].cpu(), w[local].cpu()))
         return out
 
     def assign(self, books: torch.Tensor) -> None:
@@ -294,7 +295,7 @@ class LocalPieces:
 
     def terms(self, books: torch.Tensor, P: torch.Tensor | None) -> list[torch.Tensor]:
         books, P = self._here(books), None if P is None else self._here(P)
-        return [codebook_terms(shard, books, self.H, P) for shard in self.shards]
+        return [codebook_terms(shard, books, self.H, P).cpu() for shard in self.shards]
 
     def losses(self, books: torch.Tensor) -> list[float]:
         return [loss(shard, self._here(books), self.H) for shard in self.shards]
@@ -303,7 +304,7 @@ class LocalPieces:
         return residual_kmeans(self._here(X), self._here(weights), K, M, config).cpu()
 
     def weights(self, books: torch.Tensor, scheme: CodebookScheme) -> list[CodebookWeight]:
-        return [pack(shard, self._here(books), scheme) for shard in self.shards]
+        return [pack(shard, self._here(books), scheme).to("cpu") for shard in self.shards]
 
 
 class Pieces(Protocol):

@@ -98,6 +98,11 @@ class CodebookWeight:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"codes": self.codes, "codebooks": self.codebooks, "scales": self.scales}
 
+    def to(self, device: str | torch.device) -> CodebookWeight:
+        return CodebookWeight(
+            codes=self.codes.to(device), codebooks=self.codebooks.to(device), scales=self.scales.to(device)
+        )
+
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> CodebookWeight:
         return cls(codes=tensors["codes"], codebooks=tensors["codebooks"], scales=tensors["scales"])

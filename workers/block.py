@@ -406,10 +406,14 @@ class BlockRunner:
         its codebook fit (one LocalPieces per linear, a Hessian shared by its group)."""
         if block != self.index:
             raise RuntimeError(f"asked to fit block {block}, but block {self.index} is loaded")
-        H = {group: torch.from_numpy(hessians[group]) / tokens for group in {self.layout.group_of(t[0]) for t in tasks}}
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU when Ray gave this worker one
+        if device == "cuda":  # index_add_'s sums in a fixed order: the same bytes every run
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        groups = {self.layout.group_of(t[0]) for t in tasks}
+        H = {group: (torch.from_numpy(hessians[group]) / tokens).to(device) for group in groups}
         self.fits = {}
         for linear in sorted({t[0] for t in tasks}):
-            W = self.layer.get_submodule(linear).weight.detach()  # [out, in]
+            W = self.layer.get_submodule(linear).weight.detach().to(device)  # [out, in]
             ranges = [(first, last) for name, first, last in tasks if name == linear]
             self.fits[linear] = LocalPieces.of(W, ranges, H[self.layout.group_of(linear)], scheme.in_group_size)
         return len(tasks)
@@ -430,7 +434,8 @@ class BlockRunner:
         for linear, pieces in sorted(self.fits.items()):
             weights = pieces.weights(books[linear], scheme)
             for first, shard, cw in zip(pieces.firsts, pieces.shards, weights, strict=True):
-                out.append((linear, first, {**to_arrays(cw), "error": weighted_error(shard.W, cw, pieces.H)}))
+                error = weighted_error(shard.W.cpu(), cw, pieces.H.cpu())
+                out.append((linear, first, {**to_arrays(cw), "error": error}))
         self.fits = {}
         return out
 
