@@ -16,8 +16,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from algorithms.aqlm import AQLMConfig, fit  # noqa: E402
-from algorithms.codebook import CodebookScheme  # noqa: E402
+from algorithms.aqlm import AQLMConfig, fit
+from algorithms.codebook import CodebookScheme
 
 
 def main() -> None:
