@@ -30,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-from algorithms.codebook import CodebookScheme, CodebookWeight, store_codes
+from algorithms.codebook import CodebookScheme, CodebookWeight, decode_groups, store_codes
 from algorithms.kmeans import assign, kmeans
 
 SEARCH_SCORES = 2**21  # candidate scores held at once: rows searched together = this / (beam * K)
@@ -61,13 +61,6 @@ class Shard:
     W: torch.Tensor  # [rows, in] float32
     codes: torch.Tensor  # [rows, G, M]
     scales: torch.Tensor  # [rows] float32
-
-
-def decode_groups(codes: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
-    """Unscaled groups: codes [rows, G, M], books [M, K, g] -> [rows, G, g]."""
-    M, K, g = books.shape
-    offsets = torch.arange(M, device=codes.device) * K  # [M]
-    return books.reshape(M * K, g)[codes + offsets].sum(dim=2)
 
 
 def decode_rows(codes: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
@@ -336,8 +329,8 @@ def fit_pieces(pieces: Pieces, scheme: CodebookScheme, config: AQLMConfig) -> tu
     S = min(KMEANS_POINTS * K, KMEANS_MAX_POINTS)
     picks = torch.randperm(N, generator=torch.Generator().manual_seed(config.seed))[:S]
     X, w = torch.zeros(len(picks), g), torch.zeros(len(picks), g)  # [S, g]
-    for pos, Xp, wp in pieces.sample(picks):
-        X[pos], w[pos] = Xp.cpu(), wp.cpu()
+    for pos, Xp, wp in pieces.sample(picks):  # CPU tensors, as every Pieces method returns
+        X[pos], w[pos] = Xp, wp
     books = pieces.initial_books(X, w, K, M, config)  # [M, K, g], where the pieces are (a worker: GPU)
 
     def total(books: torch.Tensor) -> float:

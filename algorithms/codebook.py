@@ -49,6 +49,26 @@ class CodebookScheme:
     def name(self) -> str:
         return f"{self.num_codebooks}x{self.nbits_per_codebook}"
 
+    def fields(self) -> dict[str, int]:
+        """The scheme as a quantization_config names it: AQLM's field names, which lamina's
+        own config uses too."""
+        return {
+            "nbits_per_codebook": self.nbits_per_codebook,
+            "num_codebooks": self.num_codebooks,
+            "in_group_size": self.in_group_size,
+            "out_group_size": 1,
+        }
+
+    @classmethod
+    def from_fields(cls, qc: dict) -> CodebookScheme:
+        """The scheme from those fields (out_group_size is the caller's to check); KeyError
+        names a missing field, ValueError a bad one."""
+        return cls(
+            num_codebooks=int(qc["num_codebooks"]),
+            nbits_per_codebook=int(qc["nbits_per_codebook"]),
+            in_group_size=int(qc["in_group_size"]),
+        )
+
     def groups(self, in_features: int) -> int:
         """Groups along the input; raises if the group size does not divide it."""
         if in_features % self.in_group_size:
@@ -108,11 +128,17 @@ class CodebookWeight:
         return cls(codes=tensors["codes"], codebooks=tensors["codebooks"], scales=tensors["scales"])
 
 
+def decode_groups(codes: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
+    """Unscaled groups, the sum of each group's codewords: codes [rows, G, M] in [0, K),
+    books [M, K, g] -> [rows, G, g]."""
+    M, K, g = books.shape
+    offsets = torch.arange(M, device=codes.device) * K  # [M]
+    return books.reshape(M * K, g)[codes + offsets].sum(dim=2)
+
+
 def decode(cw: CodebookWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dequantized weight [out, in]: each group the scaled sum of its codewords."""
     M, K, _, g = cw.codebooks.shape
     codes = load_codes(cw.codes, K.bit_length() - 1)  # [out, G, M]
-    books = cw.codebooks.to(dtype).reshape(M * K, g)  # [M*K, g]
-    offsets = torch.arange(M, device=codes.device) * K  # [M]
-    groups = books[codes + offsets].sum(dim=2)  # [out, G, g]
+    groups = decode_groups(codes, cw.codebooks.to(dtype).reshape(M, K, g))  # [out, G, g]
     return groups.reshape(cw.out_features, -1) * cw.scales.to(dtype).reshape(-1, 1)

@@ -105,9 +105,6 @@ def aqlm_config(scheme: CodebookScheme, *, unquantized: Iterable[str]) -> dict:
     modules = list(unquantized)
     return {
         "quant_method": "aqlm",
-        "nbits_per_codebook": scheme.nbits_per_codebook,
-        "num_codebooks": scheme.num_codebooks,
-        "in_group_size": scheme.in_group_size,
-        "out_group_size": 1,
+        **scheme.fields(),
         "linear_weights_not_to_quantize": [*(f"{m}.weight" for m in modules), *modules],
     }

@@ -83,15 +83,11 @@ def shard_name(i: int, n: int) -> str:
 def quantization_config(recipe: Recipe) -> dict:
     s = recipe.scheme
     if s.codebook:
-        fmt = s.format
         return {
             "quant_method": "lamina",
             "format": "codebook",
             "algorithm": s.algorithm,
-            "num_codebooks": fmt.num_codebooks,
-            "nbits_per_codebook": fmt.nbits_per_codebook,
-            "in_group_size": fmt.in_group_size,
-            "out_group_size": 1,
+            **s.format.fields(),
             "recipe_hash": recipe.hash(),
         }
     return {

@@ -95,11 +95,7 @@ def open_native(uri: str) -> Native:
 
 def codebook_scheme(uri: str, qc: dict) -> CodebookScheme:
     try:
-        return CodebookScheme(
-            num_codebooks=int(qc["num_codebooks"]),
-            nbits_per_codebook=int(qc["nbits_per_codebook"]),
-            in_group_size=int(qc["in_group_size"]),
-        )
+        return CodebookScheme.from_fields(qc)
     except KeyError as e:
         raise LaminaError(f"{uri}: the codebook format's quantization_config has no {e.args[0]!r}") from None
     except ValueError as e:

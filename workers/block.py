@@ -60,11 +60,7 @@ def stored_format(qc: dict) -> Format | None:
     if not qc:
         return None
     if qc.get("format") == "codebook":
-        return CodebookScheme(
-            num_codebooks=qc["num_codebooks"],
-            nbits_per_codebook=qc["nbits_per_codebook"],
-            in_group_size=qc["in_group_size"],
-        )
+        return CodebookScheme.from_fields(qc)
     return UniformScheme(bits=qc["bits"], group_size=qc["group_size"], sym=qc.get("sym", True))
 
 
