@@ -1,5 +1,5 @@
 """Pure quantization math: functions from (weight, hessian, config) to a quantized weight
-(the uniform grid of types.py, or the codebooks of codebook.py).
+(the uniform grid of types.py, the codebooks of codebook.py, or the vectors of vector.py).
 
 No I/O, no Ray, no printing. Every quantizer has the signature
 ``quantize(W [out, in], H [in, in] | None, scheme, options, prepared=None) -> QuantizedWeight``,
@@ -17,6 +17,8 @@ from algorithms.codebook import CodebookScheme, CodebookWeight
 from algorithms.gptq import GPTQConfig, Prepared, gptq, prepare
 from algorithms.rtn import rtn
 from algorithms.types import QuantizedWeight, UniformScheme
+from algorithms.vector import VectorScheme, VectorWeight
+from algorithms.vptq import VPTQConfig, vptq
 
 
 def _rtn(
@@ -41,18 +43,28 @@ def _aqlm(
     return aqlm(W, H, scheme, options)
 
 
-Format = UniformScheme | CodebookScheme  # how a quantized weight is stored
-Weight = QuantizedWeight | CodebookWeight
+def _vptq(
+    W: torch.Tensor, H: torch.Tensor | None, scheme: VectorScheme, options: VPTQConfig, prepared: object = None
+) -> VectorWeight:
+    if H is None:
+        raise ValueError("vptq needs the layer's input Hessian")
+    return vptq(W, H, scheme, options)
+
+
+Format = UniformScheme | CodebookScheme | VectorScheme  # how a quantized weight is stored
+Weight = QuantizedWeight | CodebookWeight | VectorWeight
 Quantizer = Callable[..., Weight]
 
-QUANTIZERS: dict[str, Quantizer] = {"rtn": _rtn, "gptq": _gptq, "aqlm": _aqlm}
-NEEDS_HESSIAN = {"rtn": False, "gptq": True, "aqlm": True}
+QUANTIZERS: dict[str, Quantizer] = {"rtn": _rtn, "gptq": _gptq, "aqlm": _aqlm, "vptq": _vptq}
+NEEDS_HESSIAN = {"rtn": False, "gptq": True, "aqlm": True, "vptq": True}
 # what a quantizer derives from H alone, shared by the linears (and row ranges) that read it
 PREPARERS: dict[str, Callable[[torch.Tensor, GPTQConfig], object]] = {"gptq": prepare}
 
 
 def weight_from_tensors(tensors: dict[str, torch.Tensor], fmt: Format) -> Weight:
     """A stored linear's tensors (by suffix) as its weight type."""
+    if isinstance(fmt, VectorScheme):
+        return VectorWeight.from_tensors(tensors, fmt)
     if isinstance(fmt, CodebookScheme):
         return CodebookWeight.from_tensors(tensors)
     return QuantizedWeight.from_tensors(tensors, bits=fmt.bits, group_size=fmt.group_size)
@@ -69,9 +81,13 @@ __all__ = [
     "GPTQConfig",
     "QuantizedWeight",
     "UniformScheme",
+    "VPTQConfig",
+    "VectorScheme",
+    "VectorWeight",
     "Weight",
     "aqlm",
     "gptq",
     "rtn",
+    "vptq",
     "weight_from_tensors",
 ]

@@ -1,6 +1,7 @@
 """nn.Linear replacements that store a quantized weight and run it through one of the
 low-bit kernels (kernels/backends.py): QuantLinear for the uniform format, CodebookLinear
-for the codebook format; `quant_linear` builds the right one for a weight."""
+for the codebook format, VectorLinear for the vector format; `quant_linear` builds the
+right one for a weight."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from algorithms.codebook import CodebookWeight
 from algorithms.types import QuantizedWeight
+from algorithms.vector import VectorScheme, VectorWeight
 from kernels import reference
 from kernels.backends import Backend, Requested, choose
 
@@ -27,7 +29,7 @@ class _LowBitLinear(nn.Module):
         self._laid_out: tuple[Backend, torch.device, object] | None = None
 
     @property
-    def quantized(self) -> QuantizedWeight | CodebookWeight:
+    def quantized(self) -> QuantizedWeight | CodebookWeight | VectorWeight:
         raise NotImplementedError
 
     def _device(self) -> torch.device:
@@ -142,9 +144,47 @@ class CodebookLinear(_LowBitLinear):
         return f"in={self.in_features}, out={self.out_features}, {self.quantized.scheme.name}, backend={self.requested}"
 
 
+class VectorLinear(_LowBitLinear):
+    """Buffers named as in the native artifact and vptq's VQuantLinear (`indices`,
+    `centroids`, ...; see algorithms/vector.py). The `cpu` backend decodes the weight once
+    (kept while the layer is on that device) and runs torch's matmul."""
+
+    def __init__(self, vw: VectorWeight, bias: torch.Tensor | None = None, backend: Requested = "reference"):
+        super().__init__()
+        self.in_features, self.out_features = vw.in_features, vw.out_features
+        self.scheme: VectorScheme = vw.scheme
+        self.suffixes = tuple(vw.tensors())
+        for name, t in vw.tensors().items():
+            self.register_buffer(name, t)
+        self._init(bias, backend)
+
+    @property
+    def quantized(self) -> VectorWeight:
+        return VectorWeight.from_tensors({s: getattr(self, s) for s in self.suffixes}, self.scheme)
+
+    def _device(self) -> torch.device:
+        return self.indices.device
+
+    def _kernel(self, backend: Backend):
+        if backend == "cpu":
+            from kernels import vector_cpu
+
+            return vector_cpu
+        from kernels import triton_vector
+
+        return triton_vector
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.scheme.name}, backend={self.requested}"
+
+
 def quant_linear(
-    weight: QuantizedWeight | CodebookWeight, bias: torch.Tensor | None = None, backend: Requested = "reference"
-) -> QuantLinear | CodebookLinear:
+    weight: QuantizedWeight | CodebookWeight | VectorWeight,
+    bias: torch.Tensor | None = None,
+    backend: Requested = "reference",
+) -> QuantLinear | CodebookLinear | VectorLinear:
+    if isinstance(weight, VectorWeight):
+        return VectorLinear(weight, bias, backend)
     if isinstance(weight, CodebookWeight):
         return CodebookLinear(weight, bias, backend)
     return QuantLinear(weight, bias, backend)

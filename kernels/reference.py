@@ -7,12 +7,16 @@ import torch
 from algorithms.codebook import CodebookWeight, decode
 from algorithms.packing import unpack
 from algorithms.types import QuantizedWeight
+from algorithms.vector import VectorWeight
+from algorithms.vector import decode as decode_vectors
 
 
-def dequantize(qw: QuantizedWeight | CodebookWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(qw: QuantizedWeight | CodebookWeight | VectorWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight [out, in]. Uniform: W = scale[g(j)] * (q[j] - zero[g(j)]) with
     g(j) = g_idx[j], or j // group_size when there is no g_idx. Codebook: see
-    algorithms.codebook.decode."""
+    algorithms.codebook.decode. Vector: algorithms.vector.decode."""
+    if isinstance(qw, VectorWeight):
+        return decode_vectors(qw, dtype)
     if isinstance(qw, CodebookWeight):
         return decode(qw, dtype)
     codes = unpack(qw.qweight, qw.bits).to(dtype)  # [out, in]
@@ -25,6 +29,8 @@ def dequantize(qw: QuantizedWeight | CodebookWeight, dtype: torch.dtype = torch.
     return scales * (codes - zeros)
 
 
-def linear(x: torch.Tensor, qw: QuantizedWeight | CodebookWeight, bias: torch.Tensor | None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, qw: QuantizedWeight | CodebookWeight | VectorWeight, bias: torch.Tensor | None
+) -> torch.Tensor:
     """x [..., in] -> [..., out] through the dequantized weight."""
     return torch.nn.functional.linear(x, dequantize(qw, x.dtype), bias)

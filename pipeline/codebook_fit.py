@@ -1,11 +1,12 @@
-"""AQLM across the workers: each linear's rows are cut into the planner's pieces
+"""AQLM and VPTQ across the workers: each linear's rows are cut into the planner's pieces
 (`scheme.solve_rows`), the pieces spread over the workers by cost, and the fit of
-algorithms/aqlm.py driven from here, one thread per linear: every step runs on all the
-pieces at once where they are held, the codebooks go out to the workers with each step,
-and what the codebook update sums (gradients and CG products, [M*K, g]) comes back per
-piece and is added in row order. Only codebooks and those sums travel; rows, codes and
-Hessians stay on the workers. The pieces depend on the recipe alone, so the artifact is
-the same on any number of workers.
+algorithms/aqlm.py or algorithms/vptq.py driven from here, one thread per linear: every
+step runs on all the pieces at once where they are held, the codebooks go out to the
+workers with each step, and what the fit sums over rows (AQLM's gradients and CG
+products, [M*K, g]; VPTQ's column sums) or samples from them (the k-means points) comes
+back per piece and is combined in row order. Only codebooks, sums and samples travel;
+rows, codes and Hessians stay on the workers. The pieces depend on the recipe alone, so
+the artifact is the same on any number of workers.
 """
 
 from __future__ import annotations
@@ -16,8 +17,12 @@ from types import ModuleType
 
 import torch
 
-from algorithms.aqlm import AQLMConfig, fit_pieces
+from algorithms.aqlm import AQLMConfig
+from algorithms.aqlm import fit_pieces as fit_additive
 from algorithms.codebook import CodebookScheme
+from algorithms.vector import VectorScheme
+from algorithms.vptq import Books, VPTQConfig
+from algorithms.vptq import fit_pieces as fit_vectors
 from pipeline import cluster
 from pipeline.balance import balance
 from pipeline.plan import SolveTask
@@ -26,7 +31,8 @@ from pipeline.plan import SolveTask
 @dataclass(frozen=True)
 class RemotePieces:
     """All the pieces of one linear, held by `holders` (runner handles) with the first rows
-    `firsts[h]` each: algorithms.aqlm.Pieces over Ray."""
+    `firsts[h]` each: algorithms.aqlm.Pieces and algorithms.vptq.Pieces over Ray (each
+    fit calls its own steps)."""
 
     ray: ModuleType
     linear: str
@@ -49,14 +55,21 @@ class RemotePieces:
     def points(self) -> int:
         return self.n_points
 
-    def sample(self, picks: torch.Tensor) -> list:
-        return self._in_row_order("sample", picks)
+    def sample(self, picks: torch.Tensor, *args: object) -> list:
+        return self._in_row_order("sample", picks, *args)
 
-    def initial_books(self, X: torch.Tensor, weights: torch.Tensor, K: int, M: int, config: AQLMConfig) -> torch.Tensor:
+    def initial_books(self, *args: object) -> object:
         """The k-means of the sample, on the first holder (not in the driver)."""
-        return cluster.get(
-            self.ray, self.holders[0].codebook_call.remote(self.linear, "initial_books", X, weights, K, M, config)
-        )
+        return cluster.get(self.ray, self.holders[0].codebook_call.remote(self.linear, "initial_books", *args))
+
+    def column_sums(self) -> list[torch.Tensor]:
+        return self._in_row_order("column_sums")
+
+    def prepare(self, scale: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+        self._each("prepare", scale, bias)
+
+    def quantize(self, books: Books) -> list[float]:
+        return self._in_row_order("quantize", books)
 
     def assign(self, books: torch.Tensor) -> None:
         self._each("assign", books)
@@ -82,8 +95,8 @@ def fit_codebooks(
     hessians: object,
     *,
     tokens: int,
-    scheme: CodebookScheme,
-    config: AQLMConfig,
+    scheme: CodebookScheme | VectorScheme,
+    config: AQLMConfig | VPTQConfig,
 ) -> list:
     """Fit every linear of `tasks` (their row pieces) on `runners`; references to the
     solved pieces, one list per runner that held any, as Run.solve returns them."""
@@ -93,27 +106,30 @@ def fit_codebooks(
         ray,
         [
             r.codebook_open.remote(
-                block, [(t.linear, t.first, t.last) for t in ts], hessians, tokens=tokens, scheme=scheme
+                block, [(t.linear, t.first, t.last) for t in ts], hessians, tokens=tokens, scheme=scheme, options=config
             )
             for r, ts in held
         ],
     )
     linears = sorted({t.linear for t in tasks})
 
-    def one(linear: str) -> torch.Tensor:
+    def one(linear: str) -> object:
         mine = [(r, tuple(sorted(t.first for t in ts if t.linear == linear))) for r, ts in held]
         mine = [(r, firsts) for r, firsts in mine if firsts]
         rows = sum(t.last - t.first for t in tasks if t.linear == linear)
         in_features = next(t.in_features for t in tasks if t.linear == linear)
+        vectors = isinstance(scheme, VectorScheme)
         pieces = RemotePieces(
             ray=ray,
             linear=linear,
             holders=tuple(r for r, _ in mine),
             firsts=tuple(f for _, f in mine),
-            n_points=rows * in_features // scheme.in_group_size,
+            n_points=0 if vectors else rows * in_features // scheme.in_group_size,
         )
-        return fit_pieces(pieces, scheme, config)[0]
+        if vectors:
+            return fit_vectors(pieces, scheme, config, rows, in_features)[0]
+        return fit_additive(pieces, scheme, config)[0]
 
-    with ThreadPoolExecutor(max_workers=len(linears), thread_name_prefix="aqlm") as pool:
+    with ThreadPoolExecutor(max_workers=len(linears), thread_name_prefix="codebooks") as pool:
         books = dict(zip(linears, pool.map(one, linears), strict=True))
     return [r.codebook_finish.remote(books, scheme) for r, _ in held]

@@ -82,6 +82,14 @@ def shard_name(i: int, n: int) -> str:
 
 def quantization_config(recipe: Recipe) -> dict:
     s = recipe.scheme
+    if s.algorithm == "vptq":
+        return {
+            "quant_method": "lamina",
+            "format": "vector",
+            "algorithm": s.algorithm,
+            **s.format.fields(),
+            "recipe_hash": recipe.hash(),
+        }
     if s.codebook:
         return {
             "quant_method": "lamina",
@@ -281,7 +289,7 @@ class Run:
         ]
 
     def tasks(self, block: BlockPlan) -> list[SolveTask]:
-        return [t for lin in block.linears for t in lin.pieces(self.plan.recipe.scheme.solve_rows)]
+        return [t for lin in block.linears for t in lin.pieces(self.plan.recipe.scheme.piece_rows)]
 
     def block(self, block: BlockPlan) -> tuple[FileRecord, list[str], dict[str, float]]:
         """Quantize one block and write its shard into staging.

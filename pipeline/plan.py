@@ -118,13 +118,30 @@ def _packing(recipe: Recipe, blocks: tuple[BlockPlan, ...], layout: BlockLayout)
     def words(lin: LinearPlan) -> bool:
         return scheme.codebook or lin.in_features % per_run == 0
 
+    def misfit(lin: LinearPlan) -> str | None:
+        """VPTQ: why its vectors or groups do not fit the linear's shape (None: they do)."""
+        try:
+            scheme.format.layout(lin.out_features, lin.in_features)
+        except ValueError as e:
+            return str(e)
+        return None
+
     def groups(lin: LinearPlan) -> bool:
+        if scheme.algorithm == "vptq":
+            return misfit(lin) is None
         if scheme.codebook:
             return lin.in_features % scheme.format.in_group_size == 0
         return not scheme.group_size or lin.in_features % scheme.group_size == 0
 
     every = [(b.index, lin) for b in blocks for lin in b.linears]
     ungrouped = [(i, lin) for i, lin in every if not groups(lin)]
+    if scheme.algorithm == "vptq" and ungrouped and scheme.unpackable != "keep":
+        i, lin = ungrouped[0]
+        raise LaminaError(
+            f"scheme.vptq: {misfit(lin)} ({layout.block(i)}{lin.name}); {named(ungrouped)} do not fit; "
+            "choose vector lengths and a group count that divide them, or set scheme.unpackable: keep to "
+            "leave them in full precision"
+        )
     if scheme.codebook and ungrouped and scheme.unpackable != "keep":
         raise LaminaError(
             f"scheme.aqlm.in_group_size {scheme.format.in_group_size} does not divide the input size of "
@@ -164,8 +181,10 @@ def _check_exports(recipe: Recipe) -> None:
             raise LaminaError(f"{where}: the export needs its own folder, not the artifact's output")
         if open_location(target.output).exists(MANIFEST):
             raise LaminaError(f"{where}: already holds a published artifact; choose a new URI")
-        if (target.format == "aqlm") != scheme.codebook:
-            fits = "codebooks: export format aqlm" if scheme.codebook else "a uniform grid: gptq or compressed-tensors"
+        fits = {"aqlm": "codebooks: export format aqlm", "vptq": "vectors: export format vptq"}
+        wanted = {"aqlm": ("aqlm",), "vptq": ("vptq",)}.get(scheme.algorithm, ("gptq", "compressed-tensors"))
+        if target.format not in wanted:
+            fits = fits.get(scheme.algorithm, "a uniform grid: gptq or compressed-tensors")
             raise LaminaError(
                 f"{where}: format {target.format} cannot hold scheme.algorithm {scheme.algorithm} ({fits})"
             )

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from algorithms import AQLMConfig, CodebookScheme, Format, GPTQConfig, UniformScheme
+from algorithms import AQLMConfig, CodebookScheme, Format, GPTQConfig, UniformScheme, VectorScheme, VPTQConfig
 from pipeline.errors import LaminaError
 from storage.options import literal_secrets
 
@@ -128,8 +129,49 @@ class AQLMOptions(Strict):
         )
 
 
+class VPTQOptions(Strict):
+    """VPTQ (scheme.algorithm: vptq): each run of `vector_len` outputs of an input column is
+    one of `num_centroids` centroids (log2(num_centroids) / vector_len bits per weight),
+    plus one of `num_res_centroids` residual centroids (0: none), fitted by Hessian-weighted
+    k-means and assigned with GPTQ's error feedback. The vptq package's published models
+    use v8 k65536 (2 bits) with k256 residuals (3 bits); a small model pays less for its
+    codebooks at v4 k256 (2 bits) or v3 k512 (3 bits). The damping, block size and
+    act_order of the scheme apply as for GPTQ."""
+
+    vector_len: int = Field(8, ge=1, le=16)
+    num_centroids: int = Field(65536, ge=2, le=65536, description="a power of two")
+    num_res_centroids: int = Field(0, ge=0, le=65536, description="0 or a power of two: the residual codebook")
+    group_num: int = Field(1, ge=1, description="codebooks per linear, each for a run of its columns")
+    outlier_percent: float = Field(
+        0, ge=0, lt=100, description="share of columns (largest Hessian diagonal) with a codebook of their own"
+    )
+    outlier_vector_len: int = Field(8, ge=1, le=16)
+    outlier_centroids: int = Field(256, ge=2, le=65536)
+    normalize: bool = Field(True, description="store each input column as (w - mean) / std, both in float16")
+    kmeans_iters: int = Field(10, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _valid(self) -> VPTQOptions:
+        self.format  # noqa: B018 -- VectorScheme names a bad codebook size
+        return self
+
+    @property
+    def format(self) -> VectorScheme:
+        return VectorScheme(
+            vector_len=self.vector_len,
+            num_centroids=self.num_centroids,
+            num_res_centroids=self.num_res_centroids,
+            group_num=self.group_num,
+            outlier_percent=self.outlier_percent,
+            outlier_vector_len=self.outlier_vector_len,
+            outlier_centroids=self.outlier_centroids,
+            normalize=self.normalize,
+        )
+
+
 class Scheme(Strict):
-    algorithm: Literal["gptq", "rtn", "aqlm"] = "gptq"
+    algorithm: Literal["gptq", "rtn", "aqlm", "vptq"] = "gptq"
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(128, ge=0, description="columns per group; 0 = per-channel")
     sym: bool = True
@@ -172,23 +214,48 @@ class Scheme(Strict):
 
     aqlm: AQLMOptions | None = Field(None, description="AQLM's codebooks and fit (algorithm: aqlm)")
 
+    vptq: VPTQOptions | None = Field(None, description="VPTQ's codebooks and fit (algorithm: vptq)")
+
     @model_validator(mode="after")
-    def _aqlm_options_need_aqlm(self) -> Scheme:
-        if self.aqlm is not None and not self.codebook:
-            raise ValueError(f"aqlm options are set but algorithm is {self.algorithm}: set algorithm: aqlm")
+    def _options_need_their_algorithm(self) -> Scheme:
+        for name in ("aqlm", "vptq"):
+            if getattr(self, name) is not None and self.algorithm != name:
+                raise ValueError(f"{name} options are set but algorithm is {self.algorithm}: set algorithm: {name}")
         return self
 
     @property
+    def piece_rows(self) -> int:
+        """solve_rows as the pieces are cut: VPTQ's rounded down to a multiple of its vector
+        lengths (at least one), since a vector never spans two pieces."""
+        if self.algorithm != "vptq" or not self.solve_rows:
+            return self.solve_rows
+        v = self.format
+        step = math.lcm(v.vector_len, v.outlier_vector_len) if v.outlier_percent else v.vector_len
+        return max(step, self.solve_rows - self.solve_rows % step)
+
+    @property
     def codebook(self) -> bool:
-        return self.algorithm == "aqlm"
+        """Whether the linears' rows share codebooks fitted over all of them (AQLM, VPTQ)."""
+        return self.algorithm in ("aqlm", "vptq")
 
     @property
     def format(self) -> Format:
-        """How the quantized linears are stored: the uniform grid, or AQLM's codebooks."""
-        return (self.aqlm or AQLMOptions()).format if self.codebook else self.grid
+        """How the quantized linears are stored: the uniform grid, AQLM's codebooks or VPTQ's vectors."""
+        if self.algorithm == "vptq":
+            return (self.vptq or VPTQOptions()).format
+        return (self.aqlm or AQLMOptions()).format if self.algorithm == "aqlm" else self.grid
 
     @property
-    def options(self) -> GPTQConfig | AQLMConfig:
+    def options(self) -> GPTQConfig | AQLMConfig | VPTQConfig:
+        if self.algorithm == "vptq":
+            o = self.vptq or VPTQOptions()
+            return VPTQConfig(
+                damp=self.damp,
+                block_size=self.block_size,
+                act_order=self.act_order,
+                kmeans_iters=o.kmeans_iters,
+                seed=o.seed,
+            )
         if self.codebook:
             return (self.aqlm or AQLMOptions()).config
         return GPTQConfig(
@@ -228,7 +295,7 @@ class Resources(Strict):
 class Export(Strict):
     """A copy of the published artifact in a layout serving engines load."""
 
-    format: Literal["gptq", "compressed-tensors", "aqlm"]
+    format: Literal["gptq", "compressed-tensors", "aqlm", "vptq"]
     output: str = Field(description="URI of the export (a new folder)")
 
 
@@ -262,8 +329,9 @@ class Recipe(Strict):
         written, with what resources, how storage is reached, how it is evaluated or exported)."""
         skip = {"output", "resources", "eval", "gates", "storage", "export"}
         doc = self.model_dump(mode="json", exclude={*skip, "calibration"})
-        if doc["scheme"]["aqlm"] is None:  # recipes from before AQLM keep their hash
-            del doc["scheme"]["aqlm"]
+        for added in ("aqlm", "vptq"):  # recipes from before AQLM and VPTQ keep their hash
+            if doc["scheme"][added] is None:
+                del doc["scheme"][added]
         if self.calibration is not None:  # how much duplication to tolerate does not change the bytes
             doc["calibration"] = self.calibration.model_dump(mode="json", exclude={"max_duplicate_ratio"})
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()

@@ -19,9 +19,20 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 
-from algorithms import PREPARERS, QUANTIZERS, CodebookScheme, Format, UniformScheme, Weight, weight_from_tensors
-from algorithms.aqlm import LocalPieces
+from algorithms import (
+    PREPARERS,
+    QUANTIZERS,
+    CodebookScheme,
+    Format,
+    UniformScheme,
+    VectorScheme,
+    Weight,
+    weight_from_tensors,
+)
+from algorithms.aqlm import LocalPieces as CodebookPieces
 from algorithms.hessian import input_gram
+from algorithms.vector import SUFFIXES as VECTOR
+from algorithms.vptq import LocalPieces as VectorPieces
 from kernels import choose, quant_linear
 from kernels.backends import Requested
 from kernels.reference import dequantize
@@ -61,11 +72,17 @@ def stored_format(qc: dict) -> Format | None:
         return None
     if qc.get("format") == "codebook":
         return CodebookScheme.from_fields(qc)
+    if qc.get("format") == "vector":
+        return VectorScheme.from_fields(qc)
     return UniformScheme(bits=qc["bits"], group_size=qc["group_size"], sym=qc.get("sym", True))
 
 
-CODEBOOK_OPS = ("sample", "initial_books", "assign", "search", "fit_scales", "terms", "losses")
-STORED = ("qweight", "scales", "qzeros", "g_idx", "codes", "codebooks")  # suffixes of a quantized linear's tensors
+CODEBOOK_OPS = {  # the steps of each fit that run where the pieces are (see algorithms.aqlm / vptq.Pieces)
+    CodebookScheme: ("sample", "initial_books", "assign", "search", "fit_scales", "terms", "losses"),
+    VectorScheme: ("column_sums", "prepare", "sample", "initial_books", "quantize"),
+}
+STORED = ("qweight", "scales", "qzeros", "g_idx", "codes", "codebooks", *VECTOR)  # a quantized linear's suffixes
+MARKERS = ("qweight", "codes", "indices")  # the suffix that marks a quantized linear, by format
 
 
 @dataclass(frozen=True)
@@ -84,7 +101,8 @@ class StagedBlocks:
 
 def join_rows(solved: tuple[list[Piece], ...]) -> dict[str, Arrays]:
     """Whole linears from row pieces solved anywhere: rows in order; what all rows share
-    (g_idx, a function of the Hessian alone; codebooks) the same in every piece."""
+    (g_idx, a function of the Hessian alone; codebooks; the vector format's perm and
+    normalisation) the same in every piece."""
     by_linear: dict[str, list[tuple[int, Arrays]]] = {}
     for part in solved:
         for linear, first, arrays in part:
@@ -95,7 +113,11 @@ def join_rows(solved: tuple[list[Piece], ...]) -> dict[str, Arrays]:
         first = pieces[0][1]
         rows = ("qweight", "scales", "qzeros", "codes")
         joined = {k: np.concatenate([a[k] for _, a in pieces]) for k in rows if k in first}
-        for shared in ("g_idx", "codebooks"):
+        for k in ("indices", "outlier_indices"):  # the vector format's: [groups, vector rows, ...]
+            if k in first:
+                joined[k] = np.concatenate([a[k] for _, a in pieces], axis=1)
+        shares = ("g_idx", "codebooks", "centroids", "res_centroids", "outlier_centroids", "perm")
+        for shared in (*shares, "weight_scale", "weight_bias"):
             if shared in first:
                 joined[shared] = first[shared]
                 if any(not np.array_equal(a[shared], first[shared]) for _, a in pieces):
@@ -208,7 +230,8 @@ class BlockRunner:
         self.layer: nn.Module | None = None
         self.raw: dict[str, torch.Tensor] = {}  # the loaded block's stored tensors, by local name
         self.index = -1
-        self.fits: dict[str, LocalPieces] = {}  # linear -> the pieces of its codebook fit held here
+        self.fits: dict[str, CodebookPieces | VectorPieces] = {}  # linear -> its fit's pieces held here
+        self.fit_scheme: CodebookScheme | VectorScheme | None = None
 
     def reopen(self, model_uri: str) -> None:
         """Read blocks from another checkpoint of the same architecture from now on (eval:
@@ -287,12 +310,12 @@ class BlockRunner:
 
     def _build(self, index: int, raw: dict[str, torch.Tensor], fmt: Format | None) -> None:
         """Block `index` from its stored tensors by local name; quantized linears (those
-        stored as qweight or codes) dequantized once, as QuantLinear's reference path would."""
+        stored as qweight, codes or indices) dequantized once, as QuantLinear's reference path would."""
         self.raw = raw
         with torch.device("meta"):
             layer = getattr(self.modeling, self.layout.layer_class)(self.config, index)
         layer = layer.to_empty(device="cpu")
-        quantized = [lin for lin in self.layout.linears if f"{lin}.qweight" in self.raw or f"{lin}.codes" in self.raw]
+        quantized = [lin for lin in self.layout.linears if any(f"{lin}.{m}" in self.raw for m in MARKERS)]
         if quantized and fmt is None:
             raise ValueError(
                 f"{self.checkpoint.uri}: block {index} holds quantized {quantized[0]} but no quantization_config"
@@ -396,10 +419,18 @@ class BlockRunner:
     # ---- codebook fits, split by rows (pipeline/codebook_fit.py drives them) ---------
     @torch.inference_mode()
     def codebook_open(
-        self, block: int, tasks: list[tuple[str, int, int]], hessians: Arrays, *, tokens: int, scheme: CodebookScheme
+        self,
+        block: int,
+        tasks: list[tuple[str, int, int]],
+        hessians: Arrays,
+        *,
+        tokens: int,
+        scheme: CodebookScheme | VectorScheme,
+        options: object = None,
     ) -> int:
         """Hold rows first..last-1 of each named linear of the loaded block as pieces of
-        its codebook fit (one LocalPieces per linear, a Hessian shared by its group)."""
+        its codebook fit (one LocalPieces per linear, a Hessian shared by its group):
+        AQLM's for a codebook scheme, VPTQ's (with its `options`) for a vector one."""
         if block != self.index:
             raise RuntimeError(f"asked to fit block {block}, but block {self.index} is loaded")
         device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU when Ray gave this worker one
@@ -411,12 +442,17 @@ class BlockRunner:
         for linear in sorted({t[0] for t in tasks}):
             W = self.layer.get_submodule(linear).weight.detach().to(device)  # [out, in]
             ranges = [(first, last) for name, first, last in tasks if name == linear]
-            self.fits[linear] = LocalPieces.of(W, ranges, H[self.layout.group_of(linear)], scheme.in_group_size)
+            Hl = H[self.layout.group_of(linear)]
+            if isinstance(scheme, VectorScheme):
+                self.fits[linear] = VectorPieces.of(W, ranges, Hl, scheme, options)
+            else:
+                self.fits[linear] = CodebookPieces.of(W, ranges, Hl, scheme.in_group_size)
+        self.fit_scheme = scheme
         return len(tasks)
 
     def codebook_call(self, linear: str, op: str, *args: object) -> object:
-        """One step of a linear's fit on the pieces held here (see algorithms.aqlm.Pieces)."""
-        if op not in CODEBOOK_OPS:
+        """One step of a linear's fit on the pieces held here."""
+        if op not in CODEBOOK_OPS[type(self.fit_scheme)]:
             raise ValueError(f"unknown codebook fit step {op!r}")
         return getattr(self.fits[linear], op)(*args)
 
@@ -424,14 +460,17 @@ class BlockRunner:
         return {linear: pieces.firsts for linear, pieces in self.fits.items()}
 
     @torch.inference_mode()
-    def codebook_finish(self, books: dict[str, torch.Tensor], scheme: CodebookScheme) -> list[Piece]:
+    def codebook_finish(self, books: dict[str, object], scheme: CodebookScheme | VectorScheme) -> list[Piece]:
         """The held pieces as solved pieces with the linears' final codebooks; forgets them."""
         out = []
         for linear, pieces in sorted(self.fits.items()):
-            weights = pieces.weights(books[linear], scheme)
-            for first, shard, cw in zip(pieces.firsts, pieces.shards, weights, strict=True):
-                error = weighted_error(shard.W.cpu(), cw, pieces.H.cpu())
-                out.append((linear, first, {**to_arrays(cw), "error": error}))
+            if isinstance(scheme, VectorScheme):
+                weights = pieces.weights(books[linear])
+            else:
+                weights = pieces.weights(books[linear], scheme)
+            for first, shard, w in zip(pieces.firsts, pieces.shards, weights, strict=True):
+                error = weighted_error(shard.W.cpu(), w, pieces.H.cpu())
+                out.append((linear, first, {**to_arrays(w), "error": error}))
         self.fits = {}
         return out
 
