@@ -11,11 +11,15 @@ install: $(STAMP)
 
 # torch is pinned and installed first: this machine serves the CPU build of 2.13.0 from
 # local disk, while a bare `torch` requirement would pull a multi-GB CUDA build.
+# vptq (its loader reads the vptq export in the tests) goes in without its requirements:
+# gradio, plotly, datasets and pynvml serve its demo app; what `import vptq` needs
+# (sentence-transformers, accelerate, transformers) is in the test extras.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps vptq==0.0.5.post1
 	touch $(STAMP)
 
 fixtures: install

@@ -19,17 +19,30 @@ so its export checks the tensors and passes them on:
 - AQLM (transformers with the `aqlm` package): `codes` int8 | int16 [out, in / g, M],
   `codebooks` float16 [M, 2**nbits, 1, g], `scales` float16 [out, 1, 1, 1], and one
   `quantization_config` (`aqlm_config`) for every quantized linear of the model.
+
+The vector format is stored in the `vptq` package's layout already (algorithms/vector.py),
+so its export checks the tensors, renames the codebooks and casts the floats:
+- VPTQ (`vptq.AutoModelForCausalLM`, transformers' VPTQ integration): the state dict of
+  `vptq.VQuantLinear` with packed indices, whose codebooks are nn.Embeddings
+  (`centroids.weight`, `res_centroids.weight`, `outlier_centroids.weight`), and a
+  `quantization_config` (`vptq_config`) holding each quantized linear's constructor
+  arguments (`vptq_layer`). VQuantLinear holds its codebooks and normalisation in the
+  model's dtype (the loaders cast what they read to it), so the export writes them in
+  that dtype: the float16 values exactly in a float32 or float16 model, rounded in a
+  bfloat16 one (as loading float16 into it would round them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from algorithms.codebook import CodebookScheme, CodebookWeight
 from algorithms.packing import codes_per_run, pack
 from algorithms.types import QuantizedWeight
+from algorithms.vector import VectorScheme, VectorWeight
 
 
 def pack_padded(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -107,4 +120,97 @@ def aqlm_config(scheme: CodebookScheme, *, unquantized: Iterable[str]) -> dict:
         "quant_method": "aqlm",
         **scheme.fields(),
         "linear_weights_not_to_quantize": [*(f"{m}.weight" for m in modules), *modules],
+    }
+
+
+EMBEDDINGS = ("centroids", "res_centroids", "outlier_centroids")  # nn.Embedding in VQuantLinear: "<name>.weight"
+
+
+def vector_layout(scheme: VectorScheme, out_features: int, in_features: int) -> dict[str, tuple[tuple, torch.dtype]]:
+    """The tensors of one linear of `scheme` in the vector format, by suffix: (shape, dtype).
+    Raises ValueError for what vptq cannot read: outliers in vectors of length 1
+    (VQuantLinear then ignores its outliers), or a row of packed indices whose padding is
+    not less than its bits (vptq's unpack_index_tensor takes the padding to be words * 32
+    mod bits)."""
+    s = scheme
+    n, gs = s.layout(out_features, in_features)  # raises for vectors or groups that do not fit
+    bits = gs * (s.index_bits + s.res_bits)  # of one vector row of a group
+    words = math.ceil(bits / 32)
+    if words * 32 - bits >= bits:
+        drop = f"it would drop {words * 32 % bits} padding bits, not {words * 32 - bits}"
+        raise ValueError(f"vptq cannot unpack {gs} indices of {bits // gs} bits in {words} words ({drop})")
+    layout = {
+        "indices": ((s.group_num, out_features // s.vector_len, words), torch.int32),
+        "centroids": ((s.group_num, s.num_centroids * s.vector_len), torch.float16),
+        "perm": ((in_features,), torch.int16),
+    }
+    if s.num_res_centroids:
+        layout["res_centroids"] = ((s.group_num, s.num_res_centroids * s.vector_len), torch.float16)
+    if n:
+        layout["outlier_indices"] = ((1, out_features // s.outlier_vector_len, n), torch.int16)
+        layout["outlier_centroids"] = ((1, s.outlier_centroids * s.outlier_vector_len), torch.float16)
+    if s.normalize:
+        layout["weight_scale"] = layout["weight_bias"] = ((in_features,), torch.float16)
+    return layout
+
+
+def vptq_tensors(vw: VectorWeight, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    """One linear in vptq's layout (the state dict of `vptq.VQuantLinear`), by suffix: the
+    vector format's own tensors, their shapes and dtypes checked, the codebooks renamed to
+    their Embedding's weight and the float tensors cast to `dtype` (the model's)."""
+    want = vector_layout(vw.scheme, vw.out_features, vw.in_features)
+    tensors = vw.tensors()
+    if set(tensors) != set(want):
+        raise ValueError(f"vptq {vw.scheme.name}: tensors {sorted(tensors)}, expected {sorted(want)}")
+    for name, (shape, kind) in want.items():
+        t = tensors[name]
+        if tuple(t.shape) != shape or t.dtype != kind:
+            got = f"{t.dtype} {list(t.shape)}"
+            raise ValueError(f"vptq {vw.scheme.name} {name}: expected {kind} {list(shape)}, got {got}")
+    return {
+        f"{name}.weight" if name in EMBEDDINGS else name: (t.to(dtype) if t.is_floating_point() else t).contiguous()
+        for name, t in tensors.items()
+    }
+
+
+def vptq_layer(scheme: VectorScheme, out_features: int, in_features: int, *, bias: bool = False) -> dict:
+    """VQuantLinear's constructor arguments for one linear, as vptq's config_for_layers
+    holds them: [outlier, main] vector lengths and codebook sizes, -1 for none.
+
+    >>> vptq_layer(VectorScheme(vector_len=4, num_centroids=256, normalize=False), 8, 16)
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'in_features': 16, 'out_features': 8, 'vector_lens': [-1, 4], 'num_centroids': [-1, 256],
+     'num_res_centroids': [-1, -1], 'group_num': 1, 'group_size': 16, 'outlier_size': 0,
+     'indices_as_float': False, 'enable_norm': False, 'enable_perm': True, 'is_indice_packed': True, 'bias': False}
+    """
+    s = scheme
+    n, gs = s.layout(out_features, in_features)
+    return {
+        "in_features": in_features,
+        "out_features": out_features,
+        "vector_lens": [s.outlier_vector_len if n else -1, s.vector_len],
+        "num_centroids": [s.outlier_centroids if n else -1, s.num_centroids],
+        "num_res_centroids": [-1, s.num_res_centroids or -1],
+        "group_num": s.group_num,
+        "group_size": gs,
+        "outlier_size": n,
+        "indices_as_float": False,
+        "enable_norm": s.normalize,
+        "enable_perm": True,
+        "is_indice_packed": True,
+        "bias": bias,
+    }
+
+
+def vptq_config(layers: Mapping[str, dict], *, unquantized: Iterable[str]) -> dict:
+    """quantization_config as vptq's loader and transformers' VptqConfig read it: `layers`,
+    each quantized linear's `vptq_layer` by module name; `unquantized`, the module names of
+    the other linears (lm_head, those kept in full precision), which transformers would
+    otherwise replace too. Every linear is named in config_for_layers: transformers looks
+    shared_layer_config up by the second part of a module's name ("layers"), not its own."""
+    return {
+        "quant_method": "vptq",
+        "config_for_layers": dict(layers),
+        "shared_layer_config": {},
+        "modules_to_not_convert": list(unquantized),
     }

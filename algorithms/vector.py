@@ -82,6 +82,8 @@ class VectorScheme:
             raise ValueError(f"outlier_percent must be in [0, 100), got {self.outlier_percent}")
         if self.outlier_percent:
             _power_of_two("outlier_centroids", self.outlier_centroids)
+            if self.outlier_vector_len < 2:  # vptq's VQuantLinear ignores outliers of length 1
+                raise ValueError("outlier_vector_len must be >= 2")
 
     @property
     def index_bits(self) -> int:

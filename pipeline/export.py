@@ -1,8 +1,8 @@
 """`lamina export`: a published artifact in a layout serving engines load (GPTQ or
 compressed-tensors pack-quantized for the uniform format, AQLM's Hugging Face layout for
-the codebook format), streamed shard by shard like the native artifact and
-published the same way (staging, then the manifest last), so a reader never sees half an
-export. Every check that can refuse the export runs before the first shard is written."""
+the codebook format, the vptq package's for the vector format), streamed shard by shard
+like the native artifact and published the same way (staging, then the manifest last),
+so a reader never sees half an export. Every check that can refuse the export runs before the first shard is written."""
 
 from __future__ import annotations
 
@@ -15,8 +15,19 @@ import torch
 from tqdm import tqdm
 
 from algorithms.codebook import CodebookScheme, CodebookWeight
-from algorithms.formats import aqlm_config, aqlm_tensors, compressed_tensors_tensors, gptq_tensors
+from algorithms.formats import (
+    aqlm_config,
+    aqlm_tensors,
+    compressed_tensors_tensors,
+    gptq_tensors,
+    vector_layout,
+    vptq_config,
+    vptq_layer,
+    vptq_tensors,
+)
 from algorithms.types import QuantizedWeight
+from algorithms.vector import SUFFIXES as VECTOR
+from algorithms.vector import VectorScheme, VectorWeight
 from pipeline.architectures import layout_for
 from pipeline.errors import LaminaError
 from storage import StorageError
@@ -26,11 +37,13 @@ from storage.manifest import MANIFEST, read_manifest
 from storage.staging import claim, publish, staging
 from storage.writer import FileRecord, put_bytes, put_json, put_tensors
 
-FORMATS = ("gptq", "compressed-tensors", "aqlm")
-EXPORTS = {"uniform": ("gptq", "compressed-tensors"), "codebook": ("aqlm",)}  # by native format
-MARKER = {"uniform": "qweight", "codebook": "codes"}  # the suffix that marks a quantized linear
+FORMATS = ("gptq", "compressed-tensors", "aqlm", "vptq")
+EXPORTS = {"uniform": ("gptq", "compressed-tensors"), "codebook": ("aqlm",), "vector": ("vptq",)}  # by native format
+MARKER = {"uniform": "qweight", "codebook": "codes", "vector": "indices"}  # the suffix that marks a quantized linear
+SAFETENSORS = {torch.float16: "F16", torch.int16: "I16", torch.int32: "I32"}  # safetensors names the vector dtypes so
 QUANTIZED = ("qweight", "scales", "qzeros", "g_idx")  # the native suffixes of a uniform linear
 CODEBOOK = ("codes", "codebooks", "scales")  # the native suffixes of a codebook linear
+Scheme = CodebookScheme | VectorScheme  # the formats whose scheme quantization_config names in fields
 
 
 @dataclass
@@ -49,13 +62,14 @@ class Native:
 
     checkpoint: Checkpoint
     manifest: dict
-    format: str  # "uniform" or "codebook", as quantization_config names it
+    format: str  # "uniform", "codebook" or "vector", as quantization_config names it
     linears: tuple[str, ...]  # full names of the quantized linears, e.g. model.layers.0.mlp.up_proj
     kept: tuple[str, ...]  # full names of the block linears left in full precision
     bits: int = 0  # uniform: the grid
     group_size: int = 0  # 0: per-channel
     sym: bool = True
     codebook: CodebookScheme | None = None  # codebook: the scheme of every quantized linear
+    vector: VectorScheme | None = None  # vector: likewise
 
     @property
     def scheme(self) -> dict:
@@ -75,7 +89,8 @@ def open_native(uri: str) -> Native:
     fmt = qc.get("format", "uniform")
     if qc.get("quant_method") != "lamina" or fmt not in EXPORTS or qc.get("out_group_size", 1) != 1:
         raise LaminaError(
-            f"{uri}: not a lamina artifact of the uniform or codebook format (quantization_config {qc or 'missing'})"
+            f"{uri}: not a lamina artifact of the uniform, codebook or vector format "
+            f"(quantization_config {qc or 'missing'})"
         )
     marker = f".{MARKER[fmt]}"
     linears = tuple(n.removesuffix(marker) for n in checkpoint.names() if n.endswith(marker))
@@ -88,18 +103,20 @@ def open_native(uri: str) -> Native:
         if f"{layout.block(i)}{lin}.weight" in checkpoint.weight_map
     )
     if fmt == "codebook":
-        return Native(checkpoint, manifest, fmt, linears, kept, codebook=codebook_scheme(uri, qc))
+        return Native(checkpoint, manifest, fmt, linears, kept, codebook=native_scheme(uri, fmt, qc, CodebookScheme))
+    if fmt == "vector":
+        return Native(checkpoint, manifest, fmt, linears, kept, vector=native_scheme(uri, fmt, qc, VectorScheme))
     bits, group_size, sym = int(qc["bits"]), int(qc["group_size"]), bool(qc["sym"])
     return Native(checkpoint, manifest, fmt, linears, kept, bits=bits, group_size=group_size, sym=sym)
 
 
-def codebook_scheme(uri: str, qc: dict) -> CodebookScheme:
+def native_scheme(uri: str, fmt: str, qc: dict, kind: type[Scheme]) -> Scheme:
     try:
-        return CodebookScheme.from_fields(qc)
+        return kind.from_fields(qc)
     except KeyError as e:
-        raise LaminaError(f"{uri}: the codebook format's quantization_config has no {e.args[0]!r}") from None
+        raise LaminaError(f"{uri}: the {fmt} format's quantization_config has no {e.args[0]!r}") from None
     except ValueError as e:
-        raise LaminaError(f"{uri}: the codebook format's quantization_config: {e}") from None
+        raise LaminaError(f"{uri}: the {fmt} format's quantization_config: {e}") from None
 
 
 def quantized_weight(native: Native, tensors: dict[str, torch.Tensor], linear: str) -> QuantizedWeight:
@@ -180,6 +197,46 @@ def check_codebooks(native: Native) -> None:
             )
 
 
+def model_dtype(native: Native) -> torch.dtype:
+    """The dtype the model's config names (transformers 5's `dtype`, 4's `torch_dtype`), in
+    which vptq holds the codebooks; float32 where it names none, as transformers loads it."""
+    config = native.checkpoint.config
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    dtype = getattr(torch, str(name).removeprefix("torch."), None)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise LaminaError(f"{native.checkpoint.uri}: the model's dtype {name!r} is not float32, float16 or bfloat16")
+    return dtype
+
+
+def vector_shape(native: Native, linear: str) -> tuple[int, int]:
+    """(out, in) of a vector linear, from its indices' and perm's headers."""
+    indices, perm = (native.checkpoint.entry(f"{linear}.{suffix}") for suffix in ("indices", "perm"))
+    return indices.shape[1] * native.vector.vector_len, perm.shape[0]
+
+
+def check_vectors(native: Native) -> None:
+    """vptq's config names each linear's own layout, but lamina's names one scheme: refuse,
+    from the shard headers alone, a linear whose tensors are not of the artifact's scheme,
+    or a scheme that vptq cannot read."""
+    s, weight_map = native.vector, native.checkpoint.weight_map
+    model_dtype(native)
+    for linear in native.linears:
+        out, inn = vector_shape(native, linear)
+        try:
+            want = vector_layout(s, out, inn)
+        except ValueError as e:
+            raise LaminaError(f"{linear} [{out}, {inn}] cannot be exported to vptq: {e}") from None
+        present = [suffix for suffix in VECTOR if f"{linear}.{suffix}" in weight_map]
+        entries = {suffix: native.checkpoint.entry(f"{linear}.{suffix}") for suffix in present}
+        got = {suffix: (e.dtype, tuple(e.shape)) for suffix, e in entries.items()}
+        expected = {suffix: (SAFETENSORS[dtype], shape) for suffix, (shape, dtype) in want.items()}
+        if got != expected:
+            raise LaminaError(
+                f"{linear}: tensors {got} are not of the artifact's scheme {s.name} (group_num {s.group_num}, "
+                f"outlier_percent {s.outlier_percent}, normalize {s.normalize}), the one vptq's config is written from"
+            )
+
+
 def check_exportable(native: Native, fmt: str) -> None:
     """Refuse, naming the layers, what the format cannot hold; reads only small tensors."""
     if fmt not in FORMATS:
@@ -191,6 +248,8 @@ def check_exportable(native: Native, fmt: str) -> None:
         )
     if fmt == "aqlm":
         check_codebooks(native)
+    if fmt == "vptq":
+        check_vectors(native)
     if fmt == "compressed-tensors":
         bad = [lin for lin in native.linears if native.has_g_idx(lin)]
         if bad:
@@ -214,24 +273,35 @@ def linear_tensors(native: Native, fmt: str, tensors: dict[str, torch.Tensor], l
     """One quantized linear in the export's layout, by suffix."""
     if fmt == "aqlm":
         return aqlm_tensors(CodebookWeight.from_tensors({s: tensors[f"{linear}.{s}"] for s in CODEBOOK}))
+    if fmt == "vptq":
+        parts = {s: tensors[f"{linear}.{s}"] for s in VECTOR if f"{linear}.{s}" in tensors}
+        return vptq_tensors(VectorWeight.from_tensors(parts, native.vector), model_dtype(native))
     qw = quantized_weight(native, tensors, linear)
     return gptq_tensors(qw) if fmt == "gptq" else compressed_tensors_tensors(qw, sym=native.sym)
 
 
 def convert(native: Native, fmt: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """One shard's tensors in the export's layout; tensors of unquantized modules pass through."""
+    """One shard's tensors in the export's layout; tensors of unquantized modules, and the
+    biases of quantized linears, pass through."""
     marker = f".{MARKER[native.format]}"
     linears = [n.removesuffix(marker) for n in tensors if n.endswith(marker)]
-    out = {n: t for n, t in tensors.items() if n.rpartition(".")[0] not in linears}
+    out = {n: t for n, t in tensors.items() if n.rpartition(".")[0] not in linears or n.endswith(".bias")}
     for linear in linears:
         out.update({f"{linear}.{suffix}": t for suffix, t in linear_tensors(native, fmt, tensors, linear).items()})
     return out
 
 
 def quantization_config(native: Native, fmt: str) -> dict:
+    head = layout_for(native.checkpoint.config).lm_head.removesuffix(".weight")
     if fmt == "aqlm":
-        head = layout_for(native.checkpoint.config).lm_head.removesuffix(".weight")
         return aqlm_config(native.codebook, unquantized=(head, *native.kept))
+    if fmt == "vptq":
+        weight_map = native.checkpoint.weight_map
+        layers = {
+            lin: vptq_layer(native.vector, *vector_shape(native, lin), bias=f"{lin}.bias" in weight_map)
+            for lin in native.linears
+        }
+        return vptq_config(layers, unquantized=(head, *native.kept))
     return gptq_config(native) if fmt == "gptq" else compressed_tensors_config(native)
 
 

@@ -496,7 +496,8 @@ class BlockRunner:
         its record, tensor names and each linear's relative Hessian-weighted error."""
         prefix = self.layout.block(self.index)
         done = join_rows(solved)
-        tensors = {prefix + name: t for name, t in self.raw.items() if name.rpartition(".")[0] not in done}
+        replaced = {f"{linear}.weight" for linear in done}  # a solved linear's bias stays as it is
+        tensors = {prefix + name: t for name, t in self.raw.items() if name not in replaced}
         for linear, arrays in done.items():
             tensors.update({f"{prefix}{linear}.{k}": torch.from_numpy(v) for k, v in arrays.items()})
         return put_tensors(uri, file, tensors), sorted(tensors), relative_errors(solved)
