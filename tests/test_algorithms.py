@@ -296,10 +296,12 @@ def test_aqlm_2bit_beats_gptq_2bit_on_a_real_layer_at_fewer_bits(real_block) -> 
     assert aqlm_err < 0.6 * gptq_err, (aqlm_err, gptq_err)
 
 
-def test_vptq_beats_gptq_on_real_layers_at_fewer_bits(real_block) -> None:
-    """Block 3's q_proj and down_proj with real calibration Hessians: v4 k256 (2.10-2.13
-    bits per weight, codebook and normalisation included) against GPTQ 2-bit g64
-    asymmetric (2.28), and v3 k512 (3.11-3.16) against GPTQ 3-bit g64 (3.28)."""
+def test_vptq_beats_rtn_and_gptq_2bit_and_matches_gptq_3bit_on_real_layers_at_fewer_bits(real_block) -> None:
+    """Block 3's q_proj and down_proj with real calibration Hessians, errors as shares of
+    tr(W H W^T): v4 k256 at 2.10-2.13 bits per weight (codebook, perm and normalisation
+    included) against 2-bit g64 asymmetric (2.28): measured 0.0097 / 0.0227 vs GPTQ 0.0182
+    / 0.0541; v3 k512 at 3.11-3.16 bits against 3-bit g64 (3.28): 0.0030 / 0.0059 vs GPTQ
+    0.0029 / 0.0075 (3% above on q_proj, 22% below on down_proj). RTN is far above both."""
     from algorithms.vector import VectorScheme, decode
     from algorithms.vptq import fit
 
@@ -310,8 +312,10 @@ def test_vptq_beats_gptq_on_real_layers_at_fewer_bits(real_block) -> None:
         for bits, scheme in ((2, VectorScheme(vector_len=4, num_centroids=256)), (3, VectorScheme(3, 512))):
             grid = UniformScheme(bits=bits, group_size=64, sym=False)
             gptq_err = proxy_error(W, dequantize(gptq(W, H, grid, GPTQConfig(act_order=True))), H)
+            rtn_err = proxy_error(W, dequantize(rtn(W, grid)), H)
             vw, _ = fit(W, H, scheme)
             assert scheme.bits_per_weight(*W.shape) < bits + 18 / 64
             vptq_err = proxy_error(W, decode(vw), H)
-            print(f"{linear} {scheme.name}: {vptq_err:.5f} vs GPTQ {bits}-bit {gptq_err:.5f}")
+            print(f"{linear} {scheme.name}: {vptq_err:.5f} vs GPTQ {bits}-bit {gptq_err:.5f}, RTN {rtn_err:.5f}")
+            assert vptq_err < 0.5 * rtn_err, (linear, bits, vptq_err, rtn_err)
             assert vptq_err < (0.6 if bits == 2 else 1.05) * gptq_err, (linear, bits, vptq_err, gptq_err)
