@@ -302,11 +302,9 @@ def _draw(pieces: Pieces, n: int, S: int, v: int, seed: int, outliers: bool) -> 
     return picks, X, w
 
 
-def fit_pieces(
-    pieces: Pieces, scheme: VectorScheme, config: VPTQConfig, out_features: int, in_features: int
-) -> tuple[Books, float]:
-    """The fit over a linear's row pieces: the shared Books and tr(ΔW H ΔW^T) of all rows
-    (pieces hold their codes). Sums and samples are taken in row order."""
+def fit_books(pieces: Pieces, scheme: VectorScheme, config: VPTQConfig, out_features: int, in_features: int) -> Books:
+    """What a linear's row pieces share: normalisation and codebooks (the pieces are left
+    normalised and reordered). Sums and samples are taken in row order."""
     n_out, gs = scheme.layout(out_features, in_features)
     scale = bias = None
     if scheme.normalize:
@@ -322,7 +320,15 @@ def fit_pieces(
         n = out_features // scheme.outlier_vector_len * n_out
         S = min(KMEANS_POINTS * scheme.outlier_centroids, KMEANS_MAX_POINTS)
         samples["outliers"] = _draw(pieces, n, S, scheme.outlier_vector_len, config.seed + 1, outliers=True)[1:]
-    books = pieces.initial_books(samples, scale, bias)
+    return pieces.initial_books(samples, scale, bias)
+
+
+def fit_pieces(
+    pieces: Pieces, scheme: VectorScheme, config: VPTQConfig, out_features: int, in_features: int
+) -> tuple[Books, float]:
+    """The fit over a linear's row pieces: the shared Books and tr(ΔW H ΔW^T) of all rows
+    (the pieces hold their codes)."""
+    books = fit_books(pieces, scheme, config, out_features, in_features)
     return books, sum(pieces.quantize(books))
 
 
