@@ -249,7 +249,7 @@ class LocalPieces:
                 W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
                 Err1[:, i] = err
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-        p.codes = {"main": main, "res": res, "outliers": outl, "Q": Q}
+        p.codes = {"main": main, "res": res, "outliers": outl}
         D = Q - p.Wn  # normalised error, reordered columns
         return float(((D @ self.Hn) * D).sum())
 
