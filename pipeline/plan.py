@@ -112,7 +112,10 @@ def _packing(recipe: Recipe, blocks: tuple[BlockPlan, ...], layout: BlockLayout)
     per_run = codes_per_run(scheme.bits)
 
     def named(bad: list[tuple[int, LinearPlan]]) -> str:
-        listed = ", ".join(f"{layout.block(i)}{lin.name} ({lin.in_features})" for i, lin in bad[:4])
+        def size(lin: LinearPlan) -> str:  # what the scheme cuts: VPTQ both sizes, the others the input
+            return f"{lin.out_features}x{lin.in_features}" if scheme.algorithm == "vptq" else str(lin.in_features)
+
+        listed = ", ".join(f"{layout.block(i)}{lin.name} ({size(lin)})" for i, lin in bad[:4])
         return f"{len(bad)} linears: {listed}{', ...' if len(bad) > 4 else ''}"
 
     def words(lin: LinearPlan) -> bool:
