@@ -1,5 +1,6 @@
 """Pure quantization math: functions from (weight, hessian, config) to a quantized weight
-(the uniform grid of types.py, the codebooks of codebook.py, or the vectors of vector.py).
+(the uniform grid of types.py, the codebooks of codebook.py, the vectors of vector.py, or
+QuIP's rotated codes of quip.py).
 
 No I/O, no Ray, no printing. Every quantizer has the signature
 ``quantize(W [out, in], H [in, in] | None, scheme, options, prepared=None) -> QuantizedWeight``,
@@ -15,6 +16,8 @@ import torch
 from algorithms.aqlm import AQLMConfig, aqlm
 from algorithms.codebook import CodebookScheme, CodebookWeight
 from algorithms.gptq import GPTQConfig, Prepared, gptq, prepare
+from algorithms.quip import QuipConfig, QuipScheme, QuipWeight, quip
+from algorithms.quip import prepare as quip_prepare
 from algorithms.rtn import rtn
 from algorithms.types import QuantizedWeight, UniformScheme
 from algorithms.vector import VectorScheme, VectorWeight
@@ -51,18 +54,28 @@ def _vptq(
     return vptq(W, H, scheme, options)
 
 
-Format = UniformScheme | CodebookScheme | VectorScheme  # how a quantized weight is stored
-Weight = QuantizedWeight | CodebookWeight | VectorWeight
+def _quip(
+    W: torch.Tensor, H: torch.Tensor | None, scheme: QuipScheme, options: QuipConfig, prepared: object = None
+) -> QuipWeight:
+    if H is None:
+        raise ValueError("quip needs the layer's input Hessian")
+    return quip(W, H, scheme, options, prepared)
+
+
+Format = UniformScheme | CodebookScheme | VectorScheme | QuipScheme  # how a quantized weight is stored
+Weight = QuantizedWeight | CodebookWeight | VectorWeight | QuipWeight
 Quantizer = Callable[..., Weight]
 
-QUANTIZERS: dict[str, Quantizer] = {"rtn": _rtn, "gptq": _gptq, "aqlm": _aqlm, "vptq": _vptq}
-NEEDS_HESSIAN = {"rtn": False, "gptq": True, "aqlm": True, "vptq": True}
+QUANTIZERS: dict[str, Quantizer] = {"rtn": _rtn, "gptq": _gptq, "aqlm": _aqlm, "vptq": _vptq, "quip": _quip}
+NEEDS_HESSIAN = {"rtn": False, "gptq": True, "aqlm": True, "vptq": True, "quip": True}
 # what a quantizer derives from H alone, shared by the linears (and row ranges) that read it
-PREPARERS: dict[str, Callable[[torch.Tensor, GPTQConfig], object]] = {"gptq": prepare}
+PREPARERS: dict[str, Callable[[torch.Tensor, object], object]] = {"gptq": prepare, "quip": quip_prepare}
 
 
 def weight_from_tensors(tensors: dict[str, torch.Tensor], fmt: Format) -> Weight:
     """A stored linear's tensors (by suffix) as its weight type."""
+    if isinstance(fmt, QuipScheme):
+        return QuipWeight.from_tensors(tensors, fmt)
     if isinstance(fmt, VectorScheme):
         return VectorWeight.from_tensors(tensors, fmt)
     if isinstance(fmt, CodebookScheme):
@@ -80,6 +93,9 @@ __all__ = [
     "Format",
     "GPTQConfig",
     "QuantizedWeight",
+    "QuipConfig",
+    "QuipScheme",
+    "QuipWeight",
     "UniformScheme",
     "VPTQConfig",
     "VectorScheme",
@@ -87,6 +103,7 @@ __all__ = [
     "Weight",
     "aqlm",
     "gptq",
+    "quip",
     "rtn",
     "vptq",
     "weight_from_tensors",

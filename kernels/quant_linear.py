@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from algorithms.codebook import CodebookWeight
+from algorithms.quip import QuipScheme, QuipWeight
 from algorithms.types import QuantizedWeight
 from algorithms.vector import VectorScheme, VectorWeight
 from kernels import reference
@@ -178,11 +179,46 @@ class VectorLinear(_LowBitLinear):
         return f"in={self.in_features}, out={self.out_features}, {self.scheme.name}, backend={self.requested}"
 
 
+class IncoherentLinear(_LowBitLinear):
+    """QuIP / QuIP# (algorithms/quip.py): buffers `su`, `sv` (the signs) and the rotated
+    weight's codes (`qidxs` and `scales` for E8P; the uniform grid's tensors for scalar).
+    `reference` runs the fast Walsh-Hadamard transforms on the activations around the
+    decoded rotated weight; `cpu` decodes the weight back to the model's space once and
+    runs torch's matmul; `triton` runs the reference path's torch operations on the GPU
+    (no Triton kernel of this format yet)."""
+
+    def __init__(self, qw: QuipWeight, bias: torch.Tensor | None = None, backend: Requested = "reference"):
+        super().__init__()
+        self.in_features, self.out_features = qw.in_features, qw.out_features
+        self.scheme: QuipScheme = qw.scheme
+        self.suffixes = tuple(qw.tensors())
+        for name, t in qw.tensors().items():
+            self.register_buffer(name, t)
+        self._init(bias, backend)
+
+    @property
+    def quantized(self) -> QuipWeight:
+        return QuipWeight.from_tensors({s: getattr(self, s) for s in self.suffixes}, self.scheme)
+
+    def _device(self) -> torch.device:
+        return self.su.device
+
+    def _kernel(self, backend: Backend):
+        from kernels import quip_kernels
+
+        return quip_kernels.DENSE if backend == "cpu" else quip_kernels.ROTATED
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.scheme.name}, backend={self.requested}"
+
+
 def quant_linear(
-    weight: QuantizedWeight | CodebookWeight | VectorWeight,
+    weight: QuantizedWeight | CodebookWeight | VectorWeight | QuipWeight,
     bias: torch.Tensor | None = None,
     backend: Requested = "reference",
-) -> QuantLinear | CodebookLinear | VectorLinear:
+) -> QuantLinear | CodebookLinear | VectorLinear | IncoherentLinear:
+    if isinstance(weight, QuipWeight):
+        return IncoherentLinear(weight, bias, backend)
     if isinstance(weight, VectorWeight):
         return VectorLinear(weight, bias, backend)
     if isinstance(weight, CodebookWeight):

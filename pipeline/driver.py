@@ -82,6 +82,14 @@ def shard_name(i: int, n: int) -> str:
 
 def quantization_config(recipe: Recipe) -> dict:
     s = recipe.scheme
+    if s.algorithm == "quip":
+        return {
+            "quant_method": "lamina",
+            "format": "incoherent",
+            "algorithm": s.algorithm,
+            **s.format.fields(),
+            "recipe_hash": recipe.hash(),
+        }
     if s.algorithm == "vptq":
         return {
             "quant_method": "lamina",

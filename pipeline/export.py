@@ -87,6 +87,11 @@ def open_native(uri: str) -> Native:
         raise LaminaError(str(e)) from None
     qc = checkpoint.config.get("quantization_config") or {}
     fmt = qc.get("format", "uniform")
+    if qc.get("quant_method") == "lamina" and fmt == "incoherent":
+        raise LaminaError(
+            f"{uri}: an artifact of the incoherent (QuIP) format, which has no export here: QuIP#'s own loader "
+            "needs its CUDA kernels; serve the native artifact with lamina's kernels"
+        )
     if qc.get("quant_method") != "lamina" or fmt not in EXPORTS or qc.get("out_group_size", 1) != 1:
         raise LaminaError(
             f"{uri}: not a lamina artifact of the uniform, codebook or vector format "

@@ -112,17 +112,21 @@ def _packing(recipe: Recipe, blocks: tuple[BlockPlan, ...], layout: BlockLayout)
     per_run = codes_per_run(scheme.bits)
 
     def named(bad: list[tuple[int, LinearPlan]]) -> str:
-        def size(lin: LinearPlan) -> str:  # what the scheme cuts: VPTQ both sizes, the others the input
-            return f"{lin.out_features}x{lin.in_features}" if scheme.algorithm == "vptq" else str(lin.in_features)
+        def size(lin: LinearPlan) -> str:  # what the scheme cuts: VPTQ and QuIP both sizes, the others the input
+            both = scheme.algorithm in ("vptq", "quip")
+            return f"{lin.out_features}x{lin.in_features}" if both else str(lin.in_features)
 
         listed = ", ".join(f"{layout.block(i)}{lin.name} ({size(lin)})" for i, lin in bad[:4])
         return f"{len(bad)} linears: {listed}{', ...' if len(bad) > 4 else ''}"
 
     def words(lin: LinearPlan) -> bool:
-        return scheme.codebook or lin.in_features % per_run == 0
+        e8p = scheme.algorithm == "quip" and scheme.format.codebook == "e8p"
+        return scheme.codebook or e8p or lin.in_features % per_run == 0
 
     def misfit(lin: LinearPlan) -> str | None:
-        """VPTQ: why its vectors or groups do not fit the linear's shape (None: they do)."""
+        """VPTQ, QuIP: why the scheme does not fit the linear's shape (None: it does)."""
+        if scheme.algorithm == "quip":
+            return scheme.format.misfit(lin.out_features, lin.in_features)
         try:
             scheme.format.layout(lin.out_features, lin.in_features)
         except ValueError as e:
@@ -130,7 +134,7 @@ def _packing(recipe: Recipe, blocks: tuple[BlockPlan, ...], layout: BlockLayout)
         return None
 
     def groups(lin: LinearPlan) -> bool:
-        if scheme.algorithm == "vptq":
+        if scheme.algorithm in ("vptq", "quip"):
             return misfit(lin) is None
         if scheme.codebook:
             return lin.in_features % scheme.format.in_group_size == 0
@@ -144,6 +148,12 @@ def _packing(recipe: Recipe, blocks: tuple[BlockPlan, ...], layout: BlockLayout)
             f"scheme.vptq: {misfit(lin)} ({layout.block(i)}{lin.name}); {named(ungrouped)} do not fit; "
             "choose vector lengths and a group count that divide them, or set scheme.unpackable: keep to "
             "leave them in full precision"
+        )
+    if scheme.algorithm == "quip" and ungrouped and scheme.unpackable != "keep":
+        i, lin = ungrouped[0]
+        raise LaminaError(
+            f"scheme.quip: {misfit(lin)} ({layout.block(i)}{lin.name}); {named(ungrouped)} do not fit; "
+            "set scheme.unpackable: keep to leave them in full precision"
         )
     if scheme.codebook and ungrouped and scheme.unpackable != "keep":
         raise LaminaError(
@@ -184,6 +194,11 @@ def _check_exports(recipe: Recipe) -> None:
             raise LaminaError(f"{where}: the export needs its own folder, not the artifact's output")
         if open_location(target.output).exists(MANIFEST):
             raise LaminaError(f"{where}: already holds a published artifact; choose a new URI")
+        if scheme.algorithm == "quip":
+            raise LaminaError(
+                f"{where}: scheme.algorithm quip has no export format here (QuIP#'s own loader needs its CUDA "
+                "kernels); serve the native artifact with lamina's kernels"
+            )
         fits = {"aqlm": "codebooks: export format aqlm", "vptq": "vectors: export format vptq"}
         wanted = {"aqlm": ("aqlm",), "vptq": ("vptq",)}.get(scheme.algorithm, ("gptq", "compressed-tensors"))
         if target.format not in wanted:

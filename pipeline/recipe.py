@@ -12,7 +12,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from algorithms import AQLMConfig, CodebookScheme, Format, GPTQConfig, UniformScheme, VectorScheme, VPTQConfig
+from algorithms import (
+    AQLMConfig,
+    CodebookScheme,
+    Format,
+    GPTQConfig,
+    QuipConfig,
+    QuipScheme,
+    UniformScheme,
+    VectorScheme,
+    VPTQConfig,
+)
 from pipeline.errors import LaminaError
 from storage.options import literal_secrets
 
@@ -170,8 +180,20 @@ class VPTQOptions(Strict):
         )
 
 
+class QuipOptions(Strict):
+    """QuIP / QuIP# (scheme.algorithm: quip): the weight and its inputs' Hessian rotated by
+    random-sign Hadamard transforms on both sides, then rounded with LDLQ (GPTQ's feedback)
+    to `codebook` e8p (QuIP#'s E8 lattice codebook: 2 bits per weight, plus a scale per
+    row) or scalar (QuIP: the scheme's uniform grid of bits, group_size and sym). The
+    scheme's damp and block_size apply as for GPTQ; act_order does not (the rotation
+    flattens the Hessian's diagonal)."""
+
+    codebook: Literal["e8p", "scalar"] = "e8p"
+    seed: int = Field(0, description="the random signs of the rotations (stored with the codes)")
+
+
 class Scheme(Strict):
-    algorithm: Literal["gptq", "rtn", "aqlm", "vptq"] = "gptq"
+    algorithm: Literal["gptq", "rtn", "aqlm", "vptq", "quip"] = "gptq"
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(128, ge=0, description="columns per group; 0 = per-channel")
     sym: bool = True
@@ -216,9 +238,11 @@ class Scheme(Strict):
 
     vptq: VPTQOptions | None = Field(None, description="VPTQ's codebooks and fit (algorithm: vptq)")
 
+    quip: QuipOptions | None = Field(None, description="QuIP's codebook and signs (algorithm: quip)")
+
     @model_validator(mode="after")
     def _options_need_their_algorithm(self) -> Scheme:
-        for name in ("aqlm", "vptq"):
+        for name in ("aqlm", "vptq", "quip"):
             if getattr(self, name) is not None and self.algorithm != name:
                 raise ValueError(f"{name} options are set but algorithm is {self.algorithm}: set algorithm: {name}")
         return self
@@ -240,13 +264,22 @@ class Scheme(Strict):
 
     @property
     def format(self) -> Format:
-        """How the quantized linears are stored: the uniform grid, AQLM's codebooks or VPTQ's vectors."""
+        """How the quantized linears are stored: the uniform grid, AQLM's codebooks, VPTQ's
+        vectors or QuIP's rotated codes."""
+        if self.algorithm == "quip":
+            o = self.quip or QuipOptions()
+            if o.codebook == "e8p":  # 2 bits, a scale per row: the grid's fields do not apply
+                return QuipScheme(codebook="e8p")
+            return QuipScheme(codebook=o.codebook, bits=self.bits, group_size=self.group_size, sym=self.sym)
         if self.algorithm == "vptq":
             return (self.vptq or VPTQOptions()).format
         return (self.aqlm or AQLMOptions()).format if self.algorithm == "aqlm" else self.grid
 
     @property
-    def options(self) -> GPTQConfig | AQLMConfig | VPTQConfig:
+    def options(self) -> GPTQConfig | AQLMConfig | VPTQConfig | QuipConfig:
+        if self.algorithm == "quip":
+            o = self.quip or QuipOptions()
+            return QuipConfig(damp=self.damp, block_size=self.block_size, mse=self.mse, seed=o.seed)
         if self.algorithm == "vptq":
             o = self.vptq or VPTQOptions()
             return VPTQConfig(
@@ -329,7 +362,7 @@ class Recipe(Strict):
         written, with what resources, how storage is reached, how it is evaluated or exported)."""
         skip = {"output", "resources", "eval", "gates", "storage", "export"}
         doc = self.model_dump(mode="json", exclude={*skip, "calibration"})
-        for added in ("aqlm", "vptq"):  # recipes from before AQLM and VPTQ keep their hash
+        for added in ("aqlm", "vptq", "quip"):  # recipes from before AQLM, VPTQ and QuIP keep their hash
             if doc["scheme"][added] is None:
                 del doc["scheme"][added]
         if self.calibration is not None:  # how much duplication to tolerate does not change the bytes

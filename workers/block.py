@@ -24,6 +24,7 @@ from algorithms import (
     QUANTIZERS,
     CodebookScheme,
     Format,
+    QuipScheme,
     UniformScheme,
     VectorScheme,
     Weight,
@@ -31,6 +32,7 @@ from algorithms import (
 )
 from algorithms.aqlm import LocalPieces as CodebookPieces
 from algorithms.hessian import input_gram
+from algorithms.quip import quip_rows, rotated
 from algorithms.vector import SUFFIXES as VECTOR
 from algorithms.vptq import LocalPieces as VectorPieces
 from kernels import choose, quant_linear
@@ -74,6 +76,8 @@ def stored_format(qc: dict) -> Format | None:
         return CodebookScheme.from_fields(qc)
     if qc.get("format") == "vector":
         return VectorScheme.from_fields(qc)
+    if qc.get("format") == "incoherent":
+        return QuipScheme.from_fields(qc)
     return UniformScheme(bits=qc["bits"], group_size=qc["group_size"], sym=qc.get("sym", True))
 
 
@@ -81,8 +85,8 @@ CODEBOOK_OPS = {  # the steps of each fit that run where the pieces are (see alg
     CodebookScheme: ("sample", "initial_books", "assign", "search", "fit_scales", "terms", "losses"),
     VectorScheme: ("column_sums", "prepare", "sample", "initial_books", "quantize"),
 }
-STORED = ("qweight", "scales", "qzeros", "g_idx", "codes", "codebooks", *VECTOR)  # a quantized linear's suffixes
-MARKERS = ("qweight", "codes", "indices")  # the suffix that marks a quantized linear, by format
+STORED = ("qweight", "scales", "qzeros", "g_idx", "codes", "codebooks", *VECTOR, "qidxs", "su", "sv")  # by suffix
+MARKERS = ("qweight", "codes", "indices", "qidxs")  # the suffix that marks a quantized linear, by format
 
 
 @dataclass(frozen=True)
@@ -102,7 +106,7 @@ class StagedBlocks:
 def join_rows(solved: tuple[list[Piece], ...]) -> dict[str, Arrays]:
     """Whole linears from row pieces solved anywhere: rows in order; what all rows share
     (g_idx, a function of the Hessian alone; codebooks; the vector format's perm and
-    normalisation) the same in every piece."""
+    normalisation; QuIP's input signs) the same in every piece."""
     by_linear: dict[str, list[tuple[int, Arrays]]] = {}
     for part in solved:
         for linear, first, arrays in part:
@@ -111,13 +115,13 @@ def join_rows(solved: tuple[list[Piece], ...]) -> dict[str, Arrays]:
     for linear, pieces in sorted(by_linear.items()):
         pieces.sort(key=lambda p: p[0])
         first = pieces[0][1]
-        rows = ("qweight", "scales", "qzeros", "codes")
+        rows = ("qweight", "scales", "qzeros", "codes", "qidxs", "su")
         joined = {k: np.concatenate([a[k] for _, a in pieces]) for k in rows if k in first}
         for k in ("indices", "outlier_indices"):  # the vector format's: [groups, vector rows, ...]
             if k in first:
                 joined[k] = np.concatenate([a[k] for _, a in pieces], axis=1)
         shares = ("g_idx", "codebooks", "centroids", "res_centroids", "outlier_centroids", "perm")
-        for shared in (*shares, "weight_scale", "weight_bias"):
+        for shared in (*shares, "weight_scale", "weight_bias", "sv"):
             if shared in first:
                 joined[shared] = first[shared]
                 if any(not np.array_equal(a[shared], first[shared]) for _, a in pieces):
@@ -130,12 +134,12 @@ SCORE_ROWS = 1024  # predicted tokens whose log-probs are held at once
 ERROR_ROWS = 256  # rows of each solved piece on which its error is measured (70B: ~1% of the solve)
 
 
-def weighted_error(W: torch.Tensor, qw: Weight, H: torch.Tensor | None) -> np.ndarray:
-    """[tr(D H D^T), tr(W H W^T)] with D = W - dequantized, on every k-th row (at most
-    ERROR_ROWS of them); the identity for H when there is none (RTN)."""
+def weighted_error(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor | None) -> np.ndarray:
+    """[tr(D H D^T), tr(W H W^T)] with D = W - What (the dequantized weight), on every k-th
+    row (at most ERROR_ROWS of them); the identity for H when there is none (RTN)."""
     step = max(1, W.shape[0] // ERROR_ROWS)
     Ws = W[::step].float()  # [rows / step, in]
-    D = Ws - dequantize(qw)[::step]  # [rows / step, in]
+    D = Ws - What[::step].float()  # [rows / step, in]
     if H is None:
         return np.array([float((D * D).sum()), float((Ws * Ws).sum())])
     H = H.float()
@@ -407,12 +411,18 @@ class BlockRunner:
         prepared: dict[str, object] = {}  # one Hessian's prepared solve at a time (70B: GBs each)
         for linear, first, last in sorted(tasks, key=lambda t: (self.layout.group_of(t[0]), t)):
             group = self.layout.group_of(linear)
-            W = self.layer.get_submodule(linear).weight.detach()[first:last]  # [rows, in]
+            W = self.layer.get_submodule(linear).weight.detach()  # [out, in]
             H = None if hessians is None else torch.from_numpy(hessians[group]) / tokens
             if H is not None and algorithm in PREPARERS and group not in prepared:
                 prepared = {group: PREPARERS[algorithm](H, options)}
-            qw = QUANTIZERS[algorithm](W, H, scheme, options, prepared.get(group))
-            out.append((linear, first, {**to_arrays(qw), "error": weighted_error(W, qw, H)}))
+            if algorithm == "quip":  # its rotation mixes all rows: the error is measured in the rotated space
+                qw, Wt, Ht = quip_rows(W, first, last, H, scheme, options, prepared.get(group))
+                error = weighted_error(Wt, rotated(qw), Ht)
+            else:
+                W = W[first:last]  # [rows, in]
+                qw = QUANTIZERS[algorithm](W, H, scheme, options, prepared.get(group))
+                error = weighted_error(W, dequantize(qw), H)
+            out.append((linear, first, {**to_arrays(qw), "error": error}))
             log.debug("block %d %s rows %d:%d quantized", self.index, linear, first, last)
         return out
 
@@ -469,7 +479,7 @@ class BlockRunner:
             else:
                 weights = pieces.weights(books[linear], scheme)
             for first, shard, w in zip(pieces.firsts, pieces.shards, weights, strict=True):
-                error = weighted_error(shard.W.cpu(), w, pieces.H.cpu())
+                error = weighted_error(shard.W.cpu(), dequantize(w), pieces.H.cpu())
                 out.append((linear, first, {**to_arrays(w), "error": error}))
         self.fits = {}
         return out
