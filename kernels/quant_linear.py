@@ -145,26 +145,42 @@ class CodebookLinear(_LowBitLinear):
         return f"in={self.in_features}, out={self.out_features}, {self.quantized.scheme.name}, backend={self.requested}"
 
 
-class VectorLinear(_LowBitLinear):
-    """Buffers named as in the native artifact and vptq's VQuantLinear (`indices`,
-    `centroids`, ...; see algorithms/vector.py). The `cpu` backend decodes the weight once
-    (kept while the layer is on that device) and runs torch's matmul."""
+class _SchemeLinear(_LowBitLinear):
+    """A weight whose tensors (by suffix) and scheme make it: each tensor a buffer named by
+    its suffix, the weight rebuilt from them by `weight_type.from_tensors`."""
 
-    def __init__(self, vw: VectorWeight, bias: torch.Tensor | None = None, backend: Requested = "reference"):
+    weight_type: type[VectorWeight] | type[QuipWeight]
+    marker: str  # a buffer every weight of the format has, on the layer's device
+
+    def __init__(self, weight: VectorWeight | QuipWeight, bias: torch.Tensor | None, backend: Requested):
         super().__init__()
-        self.in_features, self.out_features = vw.in_features, vw.out_features
-        self.scheme: VectorScheme = vw.scheme
-        self.suffixes = tuple(vw.tensors())
-        for name, t in vw.tensors().items():
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.scheme: VectorScheme | QuipScheme = weight.scheme
+        self.suffixes = tuple(weight.tensors())
+        for name, t in weight.tensors().items():
             self.register_buffer(name, t)
         self._init(bias, backend)
 
     @property
-    def quantized(self) -> VectorWeight:
-        return VectorWeight.from_tensors({s: getattr(self, s) for s in self.suffixes}, self.scheme)
+    def quantized(self) -> VectorWeight | QuipWeight:
+        return self.weight_type.from_tensors({s: getattr(self, s) for s in self.suffixes}, self.scheme)
 
     def _device(self) -> torch.device:
-        return self.indices.device
+        return getattr(self, self.marker).device
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.scheme.name}, backend={self.requested}"
+
+
+class VectorLinear(_SchemeLinear):
+    """Buffers named as in the native artifact and vptq's VQuantLinear (`indices`,
+    `centroids`, ...; see algorithms/vector.py). The `cpu` backend decodes the weight once
+    (kept while the layer is on that device) and runs torch's matmul."""
+
+    weight_type, marker = VectorWeight, "indices"
+
+    def __init__(self, vw: VectorWeight, bias: torch.Tensor | None = None, backend: Requested = "reference"):
+        super().__init__(vw, bias, backend)
 
     def _kernel(self, backend: Backend):
         if backend == "cpu":
@@ -175,41 +191,28 @@ class VectorLinear(_LowBitLinear):
 
         return triton_vector
 
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {self.scheme.name}, backend={self.requested}"
 
-
-class IncoherentLinear(_LowBitLinear):
+class IncoherentLinear(_SchemeLinear):
     """QuIP / QuIP# (algorithms/quip.py): buffers `su`, `sv` (the signs) and the rotated
     weight's codes (`qidxs` and `scales` for E8P; the uniform grid's tensors for scalar).
     `reference` runs the fast Walsh-Hadamard transforms on the activations around the
     decoded rotated weight; `cpu` decodes the weight back to the model's space once and
-    runs torch's matmul; `triton` runs the reference path's torch operations on the GPU
-    (no Triton kernel of this format yet)."""
+    runs torch's matmul; `triton` decodes E8P codes in Triton kernels between the torch
+    transforms (kernels/triton_quip.py)."""
+
+    weight_type, marker = QuipWeight, "su"
 
     def __init__(self, qw: QuipWeight, bias: torch.Tensor | None = None, backend: Requested = "reference"):
-        super().__init__()
-        self.in_features, self.out_features = qw.in_features, qw.out_features
-        self.scheme: QuipScheme = qw.scheme
-        self.suffixes = tuple(qw.tensors())
-        for name, t in qw.tensors().items():
-            self.register_buffer(name, t)
-        self._init(bias, backend)
-
-    @property
-    def quantized(self) -> QuipWeight:
-        return QuipWeight.from_tensors({s: getattr(self, s) for s in self.suffixes}, self.scheme)
-
-    def _device(self) -> torch.device:
-        return self.su.device
+        super().__init__(qw, bias, backend)
 
     def _kernel(self, backend: Backend):
-        from kernels import quip_kernels
+        if backend == "cpu":
+            from kernels import quip_cpu
 
-        return quip_kernels.DENSE if backend == "cpu" else quip_kernels.ROTATED
+            return quip_cpu
+        from kernels import triton_quip
 
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {self.scheme.name}, backend={self.requested}"
+        return triton_quip
 
 
 def quant_linear(

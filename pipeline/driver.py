@@ -80,28 +80,15 @@ def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
+NATIVE_FORMATS = {"quip": "incoherent", "vptq": "vector", "aqlm": "codebook"}  # by algorithm; else uniform
+
+
 def quantization_config(recipe: Recipe) -> dict:
     s = recipe.scheme
-    if s.algorithm == "quip":
+    if s.algorithm in NATIVE_FORMATS:
         return {
             "quant_method": "lamina",
-            "format": "incoherent",
-            "algorithm": s.algorithm,
-            **s.format.fields(),
-            "recipe_hash": recipe.hash(),
-        }
-    if s.algorithm == "vptq":
-        return {
-            "quant_method": "lamina",
-            "format": "vector",
-            "algorithm": s.algorithm,
-            **s.format.fields(),
-            "recipe_hash": recipe.hash(),
-        }
-    if s.codebook:
-        return {
-            "quant_method": "lamina",
-            "format": "codebook",
+            "format": NATIVE_FORMATS[s.algorithm],
             "algorithm": s.algorithm,
             **s.format.fields(),
             "recipe_hash": recipe.hash(),

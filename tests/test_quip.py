@@ -156,7 +156,7 @@ def test_a_quip_recipe_is_checked_before_work(tmp_path, small_model) -> None:
 
     with pytest.raises(LaminaError, match="quip options are set but algorithm is gptq"):
         parse(small_recipe_doc(tmp_path, small_model, scheme={"quip": {"codebook": "e8p"}}))
-    with pytest.raises(LaminaError, match="scheme.quip.codebook"):
+    with pytest.raises(LaminaError, match=r"scheme\.quip\.codebook"):
         parse(small_recipe_doc(tmp_path, small_model, scheme={"algorithm": "quip", "quip": {"codebook": "d4"}}))
     doc = small_recipe_doc(
         tmp_path, small_model, scheme={"algorithm": "quip"}, export=[{"format": "gptq", "output": str(tmp_path / "x")}]
