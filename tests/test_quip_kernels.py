@@ -17,11 +17,18 @@ if not torch.cuda.is_available():
 
 from algorithms import e8p
 from algorithms.quip import QuipScheme, QuipWeight, decode, quip, rotated, signs
-from tests.test_aqlm import problem
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton cannot be installed on this machine")
+
+
+def problem(rows: int, inp: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [rows, in] and a correlated positive definite H (tests/test_aqlm.py's, which imports
+    the pipeline: this file runs on machines with algorithms and kernels only)."""
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(4 * inp, inp, generator=g) @ (torch.eye(inp) + 0.3 * torch.randn(inp, inp, generator=g))
+    return torch.randn(rows, inp, generator=g), X.T @ X / len(X)
 
 
 def random_e8p(out: int, inp: int, seed: int) -> QuipWeight:
