@@ -86,12 +86,13 @@ class QuipScheme:
         return None
 
     def bits_per_weight(self, out_features: int, in_features: int) -> float:
-        """Codes, scales (and zeros) and the signs, over the weight."""
+        """Codes, scales (and zeros, at `bits` bits as GPTQ's formats pack them) and the
+        signs, over the weight."""
         signs = 8 * (out_features + in_features) / (out_features * in_features)
         if self.codebook == "e8p":
             return 16 / e8p.DIM + 16 / in_features + signs
         groups = self.grid.groups(in_features)
-        return self.bits + groups * (16 + 8) / in_features + signs
+        return self.bits + groups * (16 + self.bits) / in_features + signs
 
     def fields(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
