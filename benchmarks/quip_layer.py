@@ -59,8 +59,9 @@ def main() -> int:
     e8p_err, scalar_err = (proxy_error(Wt, rotated(q).to(W.device), Ht) / total for q in (e8, sq))
 
     gptq_layer = t_gp + t_gptq * scale
-    e8p_layer = t_qp + t_e8p * scale  # quip_rows rotates the whole W each call: counted once per piece
-    scalar_layer = t_qp + t_scalar * scale
+    # quip_rows rotates the whole W, then solves its rows: the rotation counted once, the solve scaled
+    e8p_layer = t_qp + t_rot_w + max(0.0, t_e8p - t_rot_w) * scale
+    scalar_layer = t_qp + t_rot_w + max(0.0, t_scalar - t_rot_w) * scale
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"device {args.device} ({name}), torch threads {torch.get_num_threads()}, layer {out}x{inp}, "
           f"{rows} rows solved, x{scale:g} to the layer (synthetic W and correlated H)")  # fmt: skip
