@@ -1,4 +1,4 @@
-"""`lamina`: quantize, release, export, eval, bench, verify, status and ls. Errors are one line on stderr and
+"""`lamina`: quantize, release, export, eval, plan, bench, verify, status and ls. Errors are one line on stderr and
 exit code 2; a release blocked by its gates exits 1."""
 
 from __future__ import annotations
@@ -213,6 +213,48 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline import estimate as est
+    from storage.fs import open_location
+
+    tokens, seq_len, chunk, rows = 128 * 2048, 2048, 8 * 2048, 8192
+    if args.recipe:
+        from pipeline import recipe as recipes
+
+        recipe = recipes.load(args.recipe)
+        where, rows = recipe.model, recipe.scheme.piece_rows
+        cal = recipe.calibration
+        if cal is not None:
+            tokens, seq_len, chunk = cal.tokens, cal.seq_len, cal.chunk_size * cal.seq_len
+    elif args.config:
+        where = args.config
+    else:
+        raise LaminaError("plan: give a recipe or --config PATH_OR_URI (a config.json or the folder holding it)")
+    if not where.endswith(".json"):
+        where = where.rstrip("/") + "/config.json"
+    folder, _, name = where.rpartition("/")
+    try:
+        shape = est.ModelShape.from_config(json.loads(open_location(folder or ".").read_bytes(name)))
+    except ValueError as e:
+        raise LaminaError(f"{where}: {e}") from None
+    profile = est.PROFILES[args.device]
+    if args.price is not None:
+        profile = est.Profile(profile.name, profile.gemm, profile.factor, profile.memory, args.price)
+    sizes = {"tokens": tokens, "seq_len": seq_len, "chunk_tokens": chunk, "solve_rows": rows}
+    if args.workers:
+        run = est.estimate(shape, profile, workers=args.workers, **sizes)
+    else:
+        run = est.fastest(shape, profile, most=args.max_workers, **sizes)
+    print("\n".join(est.describe(run)))
+    try:
+        est.check_fits(run)
+    except ValueError as e:
+        raise LaminaError(f"plan: {e}") from None
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lamina", description="Distributed quantization of large language models.")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -243,6 +285,14 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("recipe")
     r.add_argument("--workers", type=int, help="override resources.workers")
     r.set_defaults(func=cmd_release)
+    pl = sub.add_parser("plan", help="memory, FLOPs, time and cost of a run per block and worker, from config.json")
+    pl.add_argument("recipe", nargs="?", help="a recipe (its model's config.json and calibration sizes)")
+    pl.add_argument("--config", help="a config.json, or the folder or URI holding it (instead of a recipe)")
+    pl.add_argument("--device", default="h100", choices=["h100", "h200", "a100", "a100-40gb", "cpu"])
+    pl.add_argument("--workers", type=int, help="workers (default: the count that finishes first)")
+    pl.add_argument("--max-workers", type=int, default=8, help="the most workers tried (default 8)")
+    pl.add_argument("--price", type=float, help="price per device-hour (default: the profile's)")
+    pl.set_defaults(func=cmd_plan)
     b = sub.add_parser("bench", help="benchmarks against a baseline measured in the same run")
     bsub = b.add_subparsers(dest="what", required=True)
     bk = bsub.add_parser("kernels", help="low-bit kernel vs the dense matmul on Llama-3-70B shapes")

@@ -1,0 +1,292 @@
+"""What a run will need, from config.json alone: every linear's shape, the parameter
+count, and per worker the bytes and FLOPs of each block's calibration and solve, turned
+into time by a device profile. No weights are read, so a 405B model is planned on a laptop.
+
+The memory model follows what workers/block.py holds for a Hessian-based scheme (GPTQ,
+QuIP; the codebook fits hold the same Hessians):
+
+- the block: its stored tensors (source dtype) and the module built from them (float32);
+- activations: the hidden states of the worker's chunks (float32, [tokens, hidden]), and
+  the largest temporaries of one chunk's forward (the MLP's [tokens, intermediate] x3,
+  attention's per-head scores [heads, T, T] for one sequence);
+- Hessians: one float32 [in, in] per group of linears sharing an input, as partial chunk
+  sums (at most ~2 log2(chunks) sets per worker; the planner counts 2);
+- the solve of one row piece: its Hessian, the float64 copy its Cholesky runs on, the
+  inverse factor (float32), and the piece's rows (float32) with their codes.
+
+The peak is the block plus the larger of calibration (activations + Hessian partials) and
+solve (activations + the reduced Hessians + one solve's working set).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+F32 = 4
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    name: str  # inside the block, e.g. "self_attn.q_proj"
+    out_features: int
+    in_features: int
+    group: str  # the first linear of the group that reads the same input (shares its Hessian)
+    bias: bool = False
+
+    @property
+    def params(self) -> int:
+        return self.out_features * self.in_features + (self.out_features if self.bias else 0)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder-only model's sizes as its config.json gives them."""
+
+    model_type: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool = False
+    experts: int = 0  # 0: a dense MLP
+    experts_per_token: int = 0
+    dtype_bytes: int = 2
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelShape:
+        model_type = config.get("model_type")
+        if model_type not in ("llama", "mistral", "qwen2", "mixtral"):
+            raise ValueError(f"no shape model for architecture {model_type!r} (llama, mistral, qwen2, mixtral)")
+        hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        return cls(
+            model_type=model_type,
+            hidden=hidden,
+            intermediate=int(config["intermediate_size"]),
+            layers=int(config["num_hidden_layers"]),
+            heads=heads,
+            kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            vocab=int(config["vocab_size"]),
+            tied=bool(config.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2",
+            experts=int(config.get("num_local_experts", 0)) if model_type == "mixtral" else 0,
+            experts_per_token=int(config.get("num_experts_per_tok", 0)),
+            dtype_bytes=DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"), 2),
+        )
+
+    def linears(self) -> tuple[LinearShape, ...]:
+        """One block's linears in quantization order (a MoE's router stays in full precision)."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        b = self.qkv_bias
+        attn = (
+            LinearShape("self_attn.q_proj", q, h, "self_attn.q_proj", b),
+            LinearShape("self_attn.k_proj", kv, h, "self_attn.q_proj", b),
+            LinearShape("self_attn.v_proj", kv, h, "self_attn.q_proj", b),
+            LinearShape("self_attn.o_proj", h, q, "self_attn.o_proj"),
+        )
+        if not self.experts:
+            i = self.intermediate
+            return (
+                *attn,
+                LinearShape("mlp.gate_proj", i, h, "mlp.gate_proj"),
+                LinearShape("mlp.up_proj", i, h, "mlp.gate_proj"),
+                LinearShape("mlp.down_proj", h, i, "mlp.down_proj"),
+            )
+        moe = []
+        for e in range(self.experts):  # each expert reads its own tokens: its own Hessians
+            p = f"block_sparse_moe.experts.{e}."
+            moe += [
+                LinearShape(p + "w1", self.intermediate, h, p + "w1"),
+                LinearShape(p + "w3", self.intermediate, h, p + "w1"),
+                LinearShape(p + "w2", h, self.intermediate, p + "w2"),
+            ]
+        return (*attn, *moe)
+
+    def block_params(self) -> int:
+        """Linears, their biases, the two norms and (MoE) the router."""
+        router = self.experts * self.hidden
+        return sum(lin.params for lin in self.linears()) + 2 * self.hidden + router
+
+    def params(self) -> int:
+        """The whole model: blocks, embeddings, final norm and (untied) LM head."""
+        embed = self.vocab * self.hidden
+        return self.layers * self.block_params() + embed * (1 if self.tied else 2) + self.hidden
+
+    def groups(self) -> dict[str, int]:
+        """Each Hessian's input size, by group."""
+        return {lin.group: lin.in_features for lin in self.linears()}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a device does per second (achieved, not peak) and holds: `gemm` float32 matmul
+    FLOP/s (TF32 tensor cores on GPUs), `factor` the float64 Cholesky's FLOP/s, `memory`
+    bytes usable by one worker, `price` per device-hour (for the cost estimate)."""
+
+    name: str
+    gemm: float
+    factor: float
+    memory: int
+    price: float = 0.0
+
+
+GIB = 2**30
+PROFILES = {  # achieved rates: about 60% of the published dense TF32 / FP64 numbers
+    "h100": Profile("H100 80GB", gemm=0.6 * 495e12, factor=0.6 * 67e12, memory=80 * GIB, price=3.0),
+    "h200": Profile("H200 141GB", gemm=0.6 * 495e12, factor=0.6 * 67e12, memory=141 * GIB, price=4.0),
+    "a100": Profile("A100 80GB", gemm=0.6 * 156e12, factor=0.6 * 19.5e12, memory=80 * GIB, price=2.0),
+    "a100-40gb": Profile("A100 40GB", gemm=0.6 * 156e12, factor=0.6 * 19.5e12, memory=40 * GIB, price=1.5),
+    "cpu": Profile("CPU (2 cores)", gemm=50e9, factor=10e9, memory=24 * GIB, price=0.1),
+}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One held tensor (or set of them) of the memory model: what it is, and its bytes."""
+
+    what: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class WorkerEstimate:
+    """One worker's peak while it runs one block, and that block's time on it."""
+
+    resident: tuple[Tensor, ...]  # held through the block
+    calibration: tuple[Tensor, ...]  # held while calibrating, on top of `resident`
+    solve: tuple[Tensor, ...]  # held while solving its largest piece, on top of `resident`
+    calibration_flops: float
+    solve_flops: float
+    factor_flops: float
+    seconds: float
+
+    @property
+    def peak(self) -> int:
+        base = sum(t.nbytes for t in self.resident)
+        return base + max(sum(t.nbytes for t in self.calibration), sum(t.nbytes for t in self.solve))
+
+    def largest(self) -> Tensor:
+        return max((*self.resident, *self.calibration, *self.solve), key=lambda t: t.nbytes)
+
+
+@dataclass(frozen=True)
+class RunEstimate:
+    shape: ModelShape
+    profile: Profile
+    workers: int
+    worker: WorkerEstimate  # the busiest worker of one block
+    seconds: float  # all blocks
+    cost: float  # profile.price x workers x hours
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def solve_flops(lin_rows: int, in_features: int) -> tuple[float, float]:
+    """(sweep FLOPs, factorization FLOPs) of GPTQ on `lin_rows` rows: the column sweep's
+    2 rows in^2 (error feedback) and the Hessian's float64 Cholesky plus triangular
+    inverse, 2/3 in^3 (repeated by every piece)."""
+    return 2.0 * lin_rows * in_features**2, (2 / 3) * in_features**3
+
+
+def estimate(
+    shape: ModelShape,
+    profile: Profile,
+    *,
+    workers: int,
+    tokens: int,
+    seq_len: int,
+    chunk_tokens: int,
+    solve_rows: int = 8192,
+) -> RunEstimate:
+    """The run on `workers` devices of `profile`: each worker holds the block and 1/workers
+    of the calibration tokens; a block's row pieces are spread over the workers by cost."""
+    from pipeline.balance import balance
+
+    h = shape.hidden
+    chunks = -(-tokens // chunk_tokens)
+    own_tokens = -(-chunks // workers) * chunk_tokens
+    block = shape.block_params()
+    groups = shape.groups()
+    hessians = sum(n * n * F32 for n in groups.values())
+    resident = (
+        Tensor("block weights as stored", block * shape.dtype_bytes),
+        Tensor("block module (float32)", block * F32),
+        Tensor("hidden states of the worker's chunks (float32)", own_tokens * h * F32),
+    )
+    inter = shape.intermediate * (shape.experts_per_token if shape.experts else 1)
+    scores = shape.heads * seq_len * seq_len * F32
+    calibration = (
+        Tensor("one chunk's forward temporaries", chunk_tokens * (3 * inter + 4 * h) * F32 + scores),
+        Tensor("Hessian partial sums (2 sets)", 2 * hessians),
+    )
+    tasks = [
+        (lin, first, min(first + (solve_rows or lin.out_features), lin.out_features))
+        for lin in shape.linears()
+        for first in range(0, lin.out_features, solve_rows or lin.out_features)
+    ]
+    widest = max(tasks, key=lambda t: (t[0].in_features, t[2] - t[1]))
+    lin, first, last = widest
+    n = lin.in_features
+    solve = (
+        Tensor("the block's Hessians, reduced", hessians),
+        Tensor(f"{lin.name} Hessian, float64 factorization copy", n * n * 8),
+        Tensor(f"{lin.name} inverse Cholesky factor", n * n * F32),
+        Tensor(f"{lin.name} rows {first}:{last} (float32) and codes", (last - first) * n * (F32 + 1)),
+    )
+    costs = [solve_flops(b - a, t.in_features)[0] + solve_flops(b - a, t.in_features)[1] for t, a, b in tasks]
+    shares = balance([int(c // 1e6) for c in costs], workers)
+    busiest = max(shares, key=lambda s: sum(costs[i] for i in s))
+    sweep = sum(solve_flops(tasks[i][2] - tasks[i][1], tasks[i][0].in_features)[0] for i in busiest)
+    factor = sum(solve_flops(tasks[i][2] - tasks[i][1], tasks[i][0].in_features)[1] for i in busiest)
+    forward = 2.0 * own_tokens * block + 4.0 * own_tokens * seq_len * h  # matmuls + attention
+    gram = sum(2.0 * own_tokens * n * n for n in groups.values())
+    seconds = (forward + gram + sweep) / profile.gemm + factor / profile.factor
+    worker = WorkerEstimate(resident, calibration, solve, forward + gram, sweep, factor, seconds)
+    total = seconds * shape.layers
+    return RunEstimate(shape, profile, workers, worker, total, profile.price * workers * total / 3600)
+
+
+def fastest(shape: ModelShape, profile: Profile, *, most: int, **kwargs: int) -> RunEstimate:
+    """The worker count up to `most` that finishes first (ties: fewer workers)."""
+    runs = [estimate(shape, profile, workers=w, **kwargs) for w in range(1, most + 1)]
+    return min(runs, key=lambda r: (round(r.seconds, 6), r.workers))
+
+
+def check_fits(run: RunEstimate) -> None:
+    """Refuse a plan whose worker peak exceeds the device, naming the tensor and the options."""
+    w = run.worker
+    if w.peak <= run.profile.memory:
+        return
+    big = w.largest()
+    raise ValueError(
+        f"a worker needs {w.peak / GIB:.1f} GiB at its peak, more than the {run.profile.name}'s "
+        f"{run.profile.memory / GIB:.0f} GiB; the largest part is {big.what} ({big.nbytes / GIB:.1f} GiB): "
+        "use more workers, smaller calibration chunks, or a larger device"
+    )
+
+
+def gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 100 else f"{n / 2**20:.1f} MiB"
+
+
+def describe(run: RunEstimate) -> list[str]:
+    """The estimate as lines for a terminal."""
+    s, w = run.shape, run.worker
+    lines = [
+        f"{s.model_type}: {s.params() / 1e9:.2f}B parameters, {s.layers} blocks of {s.block_params() / 1e6:.1f}M",
+        f"on {run.workers} x {run.profile.name}: per block and worker",
+    ]
+    for title, part in (("held", w.resident), ("calibration", w.calibration), ("solve", w.solve)):
+        lines += [f"  {title:<12}{t.what:<64}{gib(t.nbytes):>12}" for t in part]
+    lines += [
+        f"  peak        {gib(w.peak):>76}",
+        f"  FLOPs: calibration {w.calibration_flops:.3g}, solve sweep {w.solve_flops:.3g}, "
+        f"factorizations {w.factor_flops:.3g}",
+        f"time {run.seconds / 3600:.2f} h ({run.seconds / s.layers:.1f} s a block), "
+        f"cost {run.cost:.2f} at {run.profile.price:g} a device-hour",
+    ]
+    return lines

@@ -1,0 +1,90 @@
+"""The planner's estimates from config.json alone, on the published configs of real
+families (tests/configs: Llama-3 8B and 70B, Llama-3.1-405B, Qwen2.5-72B, Mixtral-8x7B)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.estimate import GIB, PROFILES, ModelShape, check_fits, estimate, fastest
+
+CONFIGS = Path(__file__).parent / "configs"
+PUBLISHED = {  # the parameter counts their model cards give
+    "llama-3-8b": 8_030_261_248,
+    "llama-3-70b": 70_553_706_496,
+    "llama-3.1-405b": 405_853_388_800,
+    "qwen2.5-72b": 72_706_203_648,
+    "mixtral-8x7b": 46_702_792_704,
+}
+
+
+def shape(name: str) -> ModelShape:
+    return ModelShape.from_config(json.loads((CONFIGS / f"{name}.json").read_text()))
+
+
+def by_hand(c: dict) -> int:
+    """Embeddings and head, then per block: q/o (hidden^2), k/v (hidden x kv_heads x
+    head_dim), the MLP (3 hidden x intermediate, per expert), biases, norms, router."""
+    h, i, kv = (
+        c["hidden_size"],
+        c["intermediate_size"],
+        c["num_key_value_heads"] * c["hidden_size"] // c["num_attention_heads"],
+    )
+    experts = c.get("num_local_experts", 1)
+    block = 2 * h * h + 2 * h * kv + experts * 3 * h * i + 2 * h
+    if c["model_type"] == "qwen2":
+        block += h + 2 * kv  # q/k/v biases
+    if c["model_type"] == "mixtral":
+        block += experts * h  # the router
+    return c["num_hidden_layers"] * block + 2 * c["vocab_size"] * h + h
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_parameter_counts_of_real_families_are_exact(name: str) -> None:
+    config = json.loads((CONFIGS / f"{name}.json").read_text())
+    assert shape(name).params() == by_hand(config) == PUBLISHED[name]
+
+
+def test_405b_down_proj_hessian_and_the_refusal_that_names_it() -> None:
+    s = shape("llama-3.1-405b")
+    assert s.groups()["mlp.down_proj"] == 53248
+    run = estimate(s, PROFILES["h100"], workers=8, tokens=128 * 2048, seq_len=2048, chunk_tokens=2048)
+    solve = {t.what: t.nbytes for t in run.worker.solve}
+    assert solve["mlp.down_proj inverse Cholesky factor"] == 53248**2 * 4  # 11.3 GB
+    check_fits(run)  # 1 sequence a chunk fits an 80 GB H100
+    small = estimate(s, PROFILES["a100-40gb"], workers=8, tokens=128 * 2048, seq_len=2048, chunk_tokens=8 * 2048)
+    with pytest.raises(ValueError, match=r"more than the A100 40GB's 40 GiB; the largest part is Hessian partial"):
+        check_fits(small)
+    assert small.worker.peak > 40 * GIB
+
+
+def test_mixtral_experts_are_linears_with_their_own_hessians() -> None:
+    s = shape("mixtral-8x7b")
+    names = [lin.name for lin in s.linears()]
+    assert len(names) == 4 + 8 * 3 and "block_sparse_moe.experts.7.w2" in names
+    groups = s.groups()
+    assert len(groups) == 2 + 8 * 2 and groups["block_sparse_moe.experts.3.w2"] == 14336
+
+
+def test_more_workers_finish_sooner_until_the_block_cannot_be_split_and_cost_follows() -> None:
+    s = shape("llama-3-70b")
+    sizes = {"tokens": 128 * 2048, "seq_len": 2048, "chunk_tokens": 8 * 2048}
+    runs = [estimate(s, PROFILES["h100"], workers=w, **sizes) for w in (1, 2, 4, 8)]
+    assert all(a.seconds > b.seconds for a, b in itertools.pairwise(runs))
+    for r in runs:
+        assert r.cost == pytest.approx(3.0 * r.workers * r.seconds / 3600)
+    best = fastest(s, PROFILES["h100"], most=32, **sizes)
+    assert best.seconds <= min(r.seconds for r in runs) and best.workers <= 32
+
+
+def test_lamina_plan_prints_the_estimate_and_refuses_what_cannot_fit(capsys) -> None:
+    assert main(["plan", "--config", str(CONFIGS / "llama-3-70b.json"), "--workers", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "70.55B parameters" in out and "mlp.down_proj inverse Cholesky factor" in out
+    code = main(["plan", "--config", str(CONFIGS / "llama-3.1-405b.json"), "--device", "a100-40gb", "--workers", "8"])
+    assert code == 2 and "the largest part is Hessian partial sums" in capsys.readouterr().err
+    assert main(["plan"]) == 2 and "give a recipe or --config" in capsys.readouterr().err
