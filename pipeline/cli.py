@@ -4,6 +4,7 @@ exit code 2; a release blocked by its gates exits 1."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable
@@ -151,6 +152,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench.main(args)
 
 
+def cmd_bench_profile(args: argparse.Namespace) -> int:
+    from pipeline.estimate import measure_profile
+    from storage.fs import open_location
+
+    profile = measure_profile(args.device, args.size, args.price)
+    print(profile.to_json())
+    if args.save:
+        folder, _, name = args.save.rpartition("/")
+        open_location(folder or ".").write_bytes(name, profile.to_json().encode())
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from storage.manifest import verify
 
@@ -239,9 +252,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         shape = est.ModelShape.from_config(json.loads(open_location(folder or ".").read_bytes(name)))
     except ValueError as e:
         raise LaminaError(f"{where}: {e}") from None
-    profile = est.PROFILES[args.device]
+    try:
+        profile = est.load_profile(args.device)
+    except ValueError as e:
+        raise LaminaError(f"plan: --device {e}") from None
     if args.price is not None:
-        profile = est.Profile(profile.name, profile.gemm, profile.factor, profile.memory, args.price)
+        profile = dataclasses.replace(profile, price=args.price)
     sizes = {"tokens": tokens, "seq_len": seq_len, "chunk_tokens": chunk, "solve_rows": rows}
     if args.workers:
         run = est.estimate(shape, profile, workers=args.workers, **sizes)
@@ -288,7 +304,7 @@ def parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="memory, FLOPs, time and cost of a run per block and worker, from config.json")
     pl.add_argument("recipe", nargs="?", help="a recipe (its model's config.json and calibration sizes)")
     pl.add_argument("--config", help="a config.json, or the folder or URI holding it (instead of a recipe)")
-    pl.add_argument("--device", default="h100", choices=["h100", "h200", "a100", "a100-40gb", "cpu"])
+    pl.add_argument("--device", default="h100", help="h100, h200, a100, a100-40gb, cpu, or a saved profile's path")
     pl.add_argument("--workers", type=int, help="workers (default: the count that finishes first)")
     pl.add_argument("--max-workers", type=int, default=8, help="the most workers tried (default 8)")
     pl.add_argument("--price", type=float, help="price per device-hour (default: the profile's)")
@@ -300,6 +316,12 @@ def parser() -> argparse.ArgumentParser:
 
     add_arguments(bk)
     bk.set_defaults(func=cmd_bench)
+    bp = bsub.add_parser("profile", help="this machine's matmul and factorization rates, for lamina plan --device")
+    bp.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    bp.add_argument("--size", type=int, default=0, help="matrix size (default 2048 on CPU, 8192 on a GPU)")
+    bp.add_argument("--price", type=float, default=0.0, help="price per device-hour, kept in the profile")
+    bp.add_argument("--save", help="write the profile (JSON) here, for lamina plan --device PATH")
+    bp.set_defaults(func=cmd_bench_profile)
     v = sub.add_parser("verify", help="re-hash every file of an artifact against its manifest")
     v.add_argument("artifact")
     v.set_defaults(func=cmd_verify)

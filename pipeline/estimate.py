@@ -20,7 +20,8 @@ solve (activations + the reduced Hessians + one solve's working set).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field, fields
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 F32 = 4
@@ -126,13 +127,76 @@ class ModelShape:
 class Profile:
     """What a device does per second (achieved, not peak) and holds: `gemm` float32 matmul
     FLOP/s (TF32 tensor cores on GPUs), `factor` the float64 Cholesky's FLOP/s, `memory`
-    bytes usable by one worker, `price` per device-hour (for the cost estimate)."""
+    bytes usable by one worker, `price` per device-hour (for the cost estimate), and
+    `baseline` the bytes a worker holds before any block (its runtime: torch, a CUDA context)."""
 
     name: str
     gemm: float
     factor: float
     memory: int
     price: float = 0.0
+    baseline: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Profile:
+        doc = json.loads(text)
+        if not isinstance(doc, dict) or set(doc) - {f.name for f in fields(cls)} or "name" not in doc:
+            raise ValueError(f"not a device profile: expected the keys {', '.join(f.name for f in fields(cls))}")
+        return cls(**doc)
+
+
+def measure_profile(device: str = "cpu", size: int = 0, price: float = 0.0) -> Profile:
+    """This machine's achieved rates: the best of 3 float32 matmuls of size^3 and float64
+    Cholesky factorizations of size^2 (size 2048 on CPU, 8192 on a GPU by default); the
+    memory a worker may use (RAM, or the GPU's); the RSS of this process as the baseline."""
+    import os
+    import time
+
+    import torch
+
+    from workers.block import peak_rss
+
+    size = size or (8192 if device == "cuda" else 2048)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, generator=gen, device=device)
+    spd = (a.double() @ a.double().T) / size + torch.eye(size, dtype=torch.float64, device=device)
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    gemm = 2.0 * size**3 / best(lambda: a @ a)
+    factor = size**3 / 3 / best(lambda: torch.linalg.cholesky(spd))
+    if device == "cuda":
+        name, memory = torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory
+    else:
+        name = f"CPU ({torch.get_num_threads()} threads)"
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Profile(name, gemm=gemm, factor=factor, memory=memory, price=price, baseline=peak_rss())
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """A preset (PROFILES) by name, or a profile saved by `lamina bench profile --save`."""
+    if name_or_path in PROFILES:
+        return PROFILES[name_or_path]
+    from storage.fs import open_location
+
+    folder, _, file = name_or_path.rpartition("/")
+    where = open_location(folder or ".")
+    if not file or not where.isfile(file):
+        raise ValueError(f"{name_or_path}: neither a device profile file nor one of {', '.join(PROFILES)}")
+    return Profile.from_json(where.read_bytes(file).decode())
 
 
 GIB = 2**30
@@ -213,6 +277,7 @@ def estimate(
     groups = shape.groups()
     hessians = sum(n * n * F32 for n in groups.values())
     resident = (
+        Tensor("the worker's runtime (profile baseline)", profile.baseline),
         Tensor("block weights as stored", block * shape.dtype_bytes),
         Tensor("block module (float32)", block * F32),
         Tensor("hidden states of the worker's chunks (float32)", own_tokens * h * F32),
@@ -244,7 +309,8 @@ def estimate(
     factor = sum(solve_flops(tasks[i][2] - tasks[i][1], tasks[i][0].in_features)[1] for i in busiest)
     forward = 2.0 * own_tokens * block + 4.0 * own_tokens * seq_len * h  # matmuls + attention
     gram = sum(2.0 * own_tokens * n * n for n in groups.values())
-    seconds = (forward + gram + sweep) / profile.gemm + factor / profile.factor
+    # calibration's forward, then the same forward again through the quantized block (propagation)
+    seconds = (2 * forward + gram + sweep) / profile.gemm + factor / profile.factor
     worker = WorkerEstimate(resident, calibration, solve, forward + gram, sweep, factor, seconds)
     total = seconds * shape.layers
     return RunEstimate(shape, profile, workers, worker, total, profile.price * workers * total / 3600)

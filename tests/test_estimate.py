@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
-from pipeline.estimate import GIB, PROFILES, ModelShape, check_fits, estimate, fastest
+from pipeline.estimate import GIB, PROFILES, ModelShape, Profile, check_fits, estimate, fastest
 
 CONFIGS = Path(__file__).parent / "configs"
 PUBLISHED = {  # the parameter counts their model cards give
@@ -88,3 +88,18 @@ def test_lamina_plan_prints_the_estimate_and_refuses_what_cannot_fit(capsys) -> 
     code = main(["plan", "--config", str(CONFIGS / "llama-3.1-405b.json"), "--device", "a100-40gb", "--workers", "8"])
     assert code == 2 and "the largest part is Hessian partial sums" in capsys.readouterr().err
     assert main(["plan"]) == 2 and "give a recipe or --config" in capsys.readouterr().err
+
+
+def test_a_measured_profile_is_saved_and_planned_with_and_a_bad_one_refused(tmp_path, capsys) -> None:
+    path = tmp_path / "cpu.json"
+    assert main(["bench", "profile", "--size", "256", "--save", str(path)]) == 0
+    profile = Profile.from_json(path.read_text())
+    assert profile.gemm > 1e8 and profile.factor > 1e7 and profile.memory > GIB and profile.baseline > 50 * 2**20
+    capsys.readouterr()
+    assert main(["plan", "--config", str(CONFIGS / "llama-3-8b.json"), "--device", str(path), "--workers", "2"]) == 0
+    assert "the worker's runtime (profile baseline)" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text('{"name": "x", "flops": 1}')
+    assert main(["plan", "--config", str(CONFIGS / "llama-3-8b.json"), "--device", str(tmp_path / "bad.json")]) == 2
+    assert "not a device profile" in capsys.readouterr().err
+    assert main(["plan", "--config", str(CONFIGS / "llama-3-8b.json"), "--device", "tpu"]) == 2
+    assert "neither a device profile file nor one of h100" in capsys.readouterr().err
