@@ -11,8 +11,11 @@ QuIP; the codebook fits hold the same Hessians):
   attention's per-head scores [heads, T, T] for one sequence);
 - Hessians: one float32 [in, in] per group of linears sharing an input, as partial chunk
   sums (at most ~2 log2(chunks) sets per worker; the planner counts 2);
-- the solve of one row piece: its Hessian, the float64 copy its Cholesky runs on, the
-  inverse factor (float32), and the piece's rows (float32) with their codes.
+- the solve of one row piece (algorithms/gptq.py as written): the reduced Hessians, the
+  piece's H / tokens, prepare's float32 copy and act-order permutation (8 bytes per
+  entry), inverse_cholesky's reversed float64 copy, its damped copy and factor (24) and
+  the float32 factor, identity, inverse and its reversal (16), and the piece's rows
+  (float32, permuted, and codes: 9 bytes per weight).
 
 The peak is the block plus the larger of calibration (activations + Hessian partials) and
 solve (activations + the reduced Hessians + one solve's working set).
@@ -136,6 +139,7 @@ class Profile:
     memory: int
     price: float = 0.0
     baseline: int = 0
+    column: float = 4e-4  # seconds of GPTQ's per-column loop beyond its FLOPs (small tensor ops)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -157,6 +161,7 @@ def measure_profile(device: str = "cpu", size: int = 0, price: float = 0.0) -> P
 
     import torch
 
+    from algorithms.types import UniformScheme
     from workers.block import peak_rss
 
     size = size or (8192 if device == "cuda" else 2048)
@@ -178,12 +183,18 @@ def measure_profile(device: str = "cpu", size: int = 0, price: float = 0.0) -> P
 
     gemm = 2.0 * size**3 / best(lambda: a @ a)
     factor = size**3 / 3 / best(lambda: torch.linalg.cholesky(spd))
+    from algorithms.gptq import GPTQConfig, gptq
+
+    W, eye = torch.randn(1024, 1024, generator=gen, device=device), torch.eye(1024, device=device)
+    with torch.device(device):  # GPTQ on 1024 x 1024: what its FLOPs at the GEMM rate do not explain, per column
+        whole = best(lambda: gptq(W, eye, UniformScheme(bits=4, group_size=128), GPTQConfig()))
+    column = max(0.0, whole - 2.0 * 1024**3 / gemm - 1024**3 / 3 / factor) / 1024
     if device == "cuda":
         name, memory = torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory
     else:
         name = f"CPU ({torch.get_num_threads()} threads)"
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Profile(name, gemm=gemm, factor=factor, memory=memory, price=price, baseline=peak_rss())
+    return Profile(name, gemm=gemm, factor=factor, memory=memory, price=price, baseline=peak_rss(), column=column)
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -201,11 +212,11 @@ def load_profile(name_or_path: str) -> Profile:
 
 GIB = 2**30
 PROFILES = {  # achieved rates: about 60% of the published dense TF32 / FP64 numbers
-    "h100": Profile("H100 80GB", gemm=0.6 * 495e12, factor=0.6 * 67e12, memory=80 * GIB, price=3.0),
-    "h200": Profile("H200 141GB", gemm=0.6 * 495e12, factor=0.6 * 67e12, memory=141 * GIB, price=4.0),
-    "a100": Profile("A100 80GB", gemm=0.6 * 156e12, factor=0.6 * 19.5e12, memory=80 * GIB, price=2.0),
-    "a100-40gb": Profile("A100 40GB", gemm=0.6 * 156e12, factor=0.6 * 19.5e12, memory=40 * GIB, price=1.5),
-    "cpu": Profile("CPU (2 cores)", gemm=50e9, factor=10e9, memory=24 * GIB, price=0.1),
+    "h100": Profile("H100 80GB", gemm=0.6 * 495e12, factor=0.6 * 67e12, memory=80 * GIB, price=3.0, column=5e-5),
+    "h200": Profile("H200 141GB", gemm=0.6 * 495e12, factor=0.6 * 67e12, memory=141 * GIB, price=4.0, column=5e-5),
+    "a100": Profile("A100 80GB", gemm=0.6 * 156e12, factor=0.6 * 19.5e12, memory=80 * GIB, price=2.0, column=6e-5),
+    "a100-40gb": Profile("A100 40GB", gemm=0.6 * 156e12, factor=0.6 * 19.5e12, memory=40 * GIB, price=1.5, column=6e-5),
+    "cpu": Profile("CPU (2 cores)", gemm=50e9, factor=10e9, memory=24 * GIB, price=0.1, baseline=400 * 2**20),
 }
 
 
@@ -298,9 +309,11 @@ def estimate(
     n = lin.in_features
     solve = (
         Tensor("the block's Hessians, reduced", hessians),
-        Tensor(f"{lin.name} Hessian, float64 factorization copy", n * n * 8),
-        Tensor(f"{lin.name} inverse Cholesky factor", n * n * F32),
-        Tensor(f"{lin.name} rows {first}:{last} (float32) and codes", (last - first) * n * (F32 + 1)),
+        Tensor(f"{lin.name} Hessian / tokens", n * n * F32),
+        Tensor(f"{lin.name} prepare: float32 copy, act-order permutation", n * n * 2 * F32),
+        Tensor(f"{lin.name} Cholesky: float64 reversed, damped, factor", n * n * 24),
+        Tensor(f"{lin.name} inverse Cholesky factor and its float32 work", n * n * 4 * F32),
+        Tensor(f"{lin.name} rows {first}:{last} (float32, permuted) and codes", (last - first) * n * (2 * F32 + 1)),
     )
     costs = [solve_flops(b - a, t.in_features)[0] + solve_flops(b - a, t.in_features)[1] for t, a, b in tasks]
     shares = balance([int(c // 1e6) for c in costs], workers)
@@ -310,7 +323,8 @@ def estimate(
     forward = 2.0 * own_tokens * block + 4.0 * own_tokens * seq_len * h  # matmuls + attention
     gram = sum(2.0 * own_tokens * n * n for n in groups.values())
     # calibration's forward, then the same forward again through the quantized block (propagation)
-    seconds = (2 * forward + gram + sweep) / profile.gemm + factor / profile.factor
+    columns = sum(tasks[i][0].in_features for i in busiest)  # the solves' per-column loop
+    seconds = (2 * forward + gram + sweep) / profile.gemm + factor / profile.factor + columns * profile.column
     worker = WorkerEstimate(resident, calibration, solve, forward + gram, sweep, factor, seconds)
     total = seconds * shape.layers
     return RunEstimate(shape, profile, workers, worker, total, profile.price * workers * total / 3600)
