@@ -342,10 +342,13 @@ def check_fits(run: RunEstimate) -> None:
     if w.peak <= run.profile.memory:
         return
     big = w.largest()
+    if big in w.calibration or "chunks" in big.what:
+        options = "more workers (fewer chunks each), smaller calibration chunks, or a device with more memory"
+    else:
+        options = "a device with more memory (the Hessian inverse on CPU and split factorizations are not built yet)"
     raise ValueError(
         f"a worker needs {w.peak / GIB:.1f} GiB at its peak, more than the {run.profile.name}'s "
-        f"{run.profile.memory / GIB:.0f} GiB; the largest part is {big.what} ({big.nbytes / GIB:.1f} GiB): "
-        "use more workers, smaller calibration chunks, or a larger device"
+        f"{run.profile.memory / GIB:.0f} GiB; the largest part is {big.what} ({big.nbytes / GIB:.1f} GiB): {options}"
     )
 
 
