@@ -12,10 +12,10 @@ QuIP; the codebook fits hold the same Hessians):
 - Hessians: one float32 [in, in] per group of linears sharing an input, as partial chunk
   sums (at most ~2 log2(chunks) sets per worker; the planner counts 2);
 - the solve of one row piece (algorithms/gptq.py as written): the reduced Hessians, the
-  piece's H / tokens, prepare's float32 copy and act-order permutation (8 bytes per
-  entry), inverse_cholesky's reversed float64 copy, its damped copy and factor (24) and
-  the float32 factor, identity, inverse and its reversal (16), and the piece's rows
-  (float32, permuted, and codes: 9 bytes per weight).
+  piece's H / tokens, prepare's one float32 copy (permuted), inverse_cholesky's damped
+  float64 copy and factor at its peak (16 bytes per entry; the float32 work after it
+  needs 12), and the piece's rows (float32, permuted, and codes: 9 bytes per weight).
+  `benchmarks/block70b.py` checks the sum against a measured peak.
 
 The peak is the block plus the larger of calibration (activations + Hessian partials) and
 solve (activations + the reduced Hessians + one solve's working set).
@@ -310,9 +310,8 @@ def estimate(
     solve = (
         Tensor("the block's Hessians, reduced", hessians),
         Tensor(f"{lin.name} Hessian / tokens", n * n * F32),
-        Tensor(f"{lin.name} prepare: float32 copy, act-order permutation", n * n * 2 * F32),
-        Tensor(f"{lin.name} Cholesky: float64 reversed, damped, factor", n * n * 24),
-        Tensor(f"{lin.name} inverse Cholesky factor and its float32 work", n * n * 4 * F32),
+        Tensor(f"{lin.name} prepare: one float32 copy (permuted)", n * n * F32),
+        Tensor(f"{lin.name} Cholesky: float64 damped copy and factor", n * n * 16),
         Tensor(f"{lin.name} rows {first}:{last} (float32, permuted) and codes", (last - first) * n * (2 * F32 + 1)),
     )
     costs = [solve_flops(b - a, t.in_features)[0] + solve_flops(b - a, t.in_features)[1] for t, a, b in tasks]

@@ -50,14 +50,16 @@ def test_parameter_counts_of_real_families_are_exact(name: str) -> None:
 
 
 def test_405b_down_proj_hessian_and_the_refusal_that_names_it() -> None:
-    """The solve of a 405B down_proj as algorithms/gptq.py holds it (52 bytes per Hessian
-    entry at its peak) does not fit an 80 GB device; a 70B block does."""
+    """The solve of a 405B down_proj as algorithms/gptq.py holds it (24 bytes per Hessian
+    entry at its peak, with the reduced Hessians and the block) does not fit an 80 GB
+    device but fits a 141 GB one; a 70B block fits 80 GB."""
     s = shape("llama-3.1-405b")
     assert s.groups()["mlp.down_proj"] == 53248
     run = estimate(s, PROFILES["h100"], workers=8, tokens=128 * 2048, seq_len=2048, chunk_tokens=2048)
     solve = {t.what: t.nbytes for t in run.worker.solve}
     assert solve["mlp.down_proj Hessian / tokens"] == 53248**2 * 4  # 11.3 GB
-    assert solve["mlp.down_proj Cholesky: float64 reversed, damped, factor"] == 53248**2 * 24
+    assert solve["mlp.down_proj Cholesky: float64 damped copy and factor"] == 53248**2 * 16
+    check_fits(estimate(s, PROFILES["h200"], workers=8, tokens=128 * 2048, seq_len=2048, chunk_tokens=2048))
     with pytest.raises(ValueError, match=r"more than the H100 80GB's 80 GiB; the largest part is mlp\.down_proj Chol"):
         check_fits(run)
     check_fits(estimate(shape("llama-3-70b"), PROFILES["h100"], workers=8, tokens=128 * 2048, seq_len=2048,
@@ -89,7 +91,7 @@ def test_more_workers_finish_sooner_until_the_block_cannot_be_split_and_cost_fol
 def test_lamina_plan_prints_the_estimate_and_refuses_what_cannot_fit(capsys) -> None:
     assert main(["plan", "--config", str(CONFIGS / "llama-3-70b.json"), "--workers", "8"]) == 0
     out = capsys.readouterr().out
-    assert "70.55B parameters" in out and "mlp.down_proj inverse Cholesky factor" in out
+    assert "70.55B parameters" in out and "mlp.down_proj Cholesky: float64 damped copy and factor" in out
     code = main(["plan", "--config", str(CONFIGS / "llama-3.1-405b.json"), "--device", "a100-40gb", "--workers", "8"])
     assert code == 2 and "the largest part is mlp.down_proj Cholesky" in capsys.readouterr().err
     assert main(["plan"]) == 2 and "give a recipe or --config" in capsys.readouterr().err
