@@ -152,7 +152,9 @@ class _SchemeLinear(_LowBitLinear):
     weight_type: type[VectorWeight] | type[QuipWeight]
     marker: str  # a buffer every weight of the format has, on the layer's device
 
-    def __init__(self, weight: VectorWeight | QuipWeight, bias: torch.Tensor | None, backend: Requested):
+    def __init__(
+        self, weight: VectorWeight | QuipWeight, bias: torch.Tensor | None = None, backend: Requested = "reference"
+    ):
         super().__init__()
         self.in_features, self.out_features = weight.in_features, weight.out_features
         self.scheme: VectorScheme | QuipScheme = weight.scheme
@@ -179,9 +181,6 @@ class VectorLinear(_SchemeLinear):
 
     weight_type, marker = VectorWeight, "indices"
 
-    def __init__(self, vw: VectorWeight, bias: torch.Tensor | None = None, backend: Requested = "reference"):
-        super().__init__(vw, bias, backend)
-
     def _kernel(self, backend: Backend):
         if backend == "cpu":
             from kernels import vector_cpu
@@ -201,9 +200,6 @@ class IncoherentLinear(_SchemeLinear):
     transforms (kernels/triton_quip.py)."""
 
     weight_type, marker = QuipWeight, "su"
-
-    def __init__(self, qw: QuipWeight, bias: torch.Tensor | None = None, backend: Requested = "reference"):
-        super().__init__(qw, bias, backend)
 
     def _kernel(self, backend: Backend):
         if backend == "cpu":

@@ -153,14 +153,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_profile(args: argparse.Namespace) -> int:
-    from pipeline.estimate import measure_profile
-    from storage.fs import open_location
+    from pipeline.estimate import locate, measure_profile
 
     profile = measure_profile(args.device, args.size, args.price)
     print(profile.to_json())
     if args.save:
-        folder, _, name = args.save.rpartition("/")
-        open_location(folder or ".").write_bytes(name, profile.to_json().encode())
+        where, name = locate(args.save)
+        where.write_bytes(name, profile.to_json().encode())
     return 0
 
 
@@ -227,10 +226,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import json
-
     from pipeline import estimate as est
-    from storage.fs import open_location
+    from storage.checkpoint import read_json
 
     tokens, seq_len, chunk, rows = 128 * 2048, 2048, 8 * 2048, 8192
     if args.recipe:
@@ -247,9 +244,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise LaminaError("plan: give a recipe or --config PATH_OR_URI (a config.json or the folder holding it)")
     if not where.endswith(".json"):
         where = where.rstrip("/") + "/config.json"
-    folder, _, name = where.rpartition("/")
     try:
-        shape = est.ModelShape.from_config(json.loads(open_location(folder or ".").read_bytes(name)))
+        shape = est.ModelShape.from_config(read_json(*est.locate(where)))
     except ValueError as e:
         raise LaminaError(f"{where}: {e}") from None
     try:

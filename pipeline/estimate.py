@@ -25,6 +25,10 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from storage.fs import Location
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 F32 = 4
@@ -145,9 +149,8 @@ class Profile:
         return json.dumps(asdict(self), indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> Profile:
-        doc = json.loads(text)
-        if not isinstance(doc, dict) or set(doc) - {f.name for f in fields(cls)} or "name" not in doc:
+    def from_doc(cls, doc: dict) -> Profile:
+        if set(doc) - {f.name for f in fields(cls)} or "name" not in doc:
             raise ValueError(f"not a device profile: expected the keys {', '.join(f.name for f in fields(cls))}")
         return cls(**doc)
 
@@ -201,13 +204,20 @@ def load_profile(name_or_path: str) -> Profile:
     """A preset (PROFILES) by name, or a profile saved by `lamina bench profile --save`."""
     if name_or_path in PROFILES:
         return PROFILES[name_or_path]
-    from storage.fs import open_location
+    from storage.checkpoint import read_json
 
-    folder, _, file = name_or_path.rpartition("/")
-    where = open_location(folder or ".")
+    where, file = locate(name_or_path)
     if not file or not where.isfile(file):
         raise ValueError(f"{name_or_path}: neither a device profile file nor one of {', '.join(PROFILES)}")
-    return Profile.from_json(where.read_bytes(file).decode())
+    return Profile.from_doc(read_json(where, file))
+
+
+def locate(uri: str) -> tuple[Location, str]:
+    """A file's URI (or path) as its folder's location and its name."""
+    from storage.fs import open_location
+
+    folder, _, name = uri.rpartition("/")
+    return open_location(folder or "."), name
 
 
 GIB = 2**30
@@ -314,11 +324,11 @@ def estimate(
         Tensor(f"{lin.name} Cholesky: float64 damped copy and factor", n * n * 16),
         Tensor(f"{lin.name} rows {first}:{last} (float32, permuted) and codes", (last - first) * n * (2 * F32 + 1)),
     )
-    costs = [solve_flops(b - a, t.in_features)[0] + solve_flops(b - a, t.in_features)[1] for t, a, b in tasks]
-    shares = balance([int(c // 1e6) for c in costs], workers)
-    busiest = max(shares, key=lambda s: sum(costs[i] for i in s))
-    sweep = sum(solve_flops(tasks[i][2] - tasks[i][1], tasks[i][0].in_features)[0] for i in busiest)
-    factor = sum(solve_flops(tasks[i][2] - tasks[i][1], tasks[i][0].in_features)[1] for i in busiest)
+    flops = [solve_flops(b - a, t.in_features) for t, a, b in tasks]  # (sweep, factorization) of each task
+    shares = balance([int(sum(f) // 1e6) for f in flops], workers)
+    busiest = max(shares, key=lambda s: sum(sum(flops[i]) for i in s))
+    sweep = sum(flops[i][0] for i in busiest)
+    factor = sum(flops[i][1] for i in busiest)
     forward = 2.0 * own_tokens * block + 4.0 * own_tokens * seq_len * h  # matmuls + attention
     gram = sum(2.0 * own_tokens * n * n for n in groups.values())
     # calibration's forward, then the same forward again through the quantized block (propagation)

@@ -38,6 +38,10 @@ from storage.staging import claim, publish, staging
 from storage.writer import FileRecord, put_bytes, put_json, put_tensors
 
 FORMATS = ("gptq", "compressed-tensors", "aqlm", "vptq")
+NO_QUIP_EXPORT = (  # why neither a QuIP recipe nor a QuIP artifact can be exported
+    "has no export format here: QuIP#'s own loader needs its CUDA kernels; serve the native artifact with "
+    "lamina's kernels"
+)
 EXPORTS = {"uniform": ("gptq", "compressed-tensors"), "codebook": ("aqlm",), "vector": ("vptq",)}  # by native format
 MARKER = {"uniform": "qweight", "codebook": "codes", "vector": "indices"}  # the suffix that marks a quantized linear
 SAFETENSORS = {torch.float16: "F16", torch.int16: "I16", torch.int32: "I32"}  # safetensors names the vector dtypes so
@@ -88,10 +92,7 @@ def open_native(uri: str) -> Native:
     qc = checkpoint.config.get("quantization_config") or {}
     fmt = qc.get("format", "uniform")
     if qc.get("quant_method") == "lamina" and fmt == "incoherent":
-        raise LaminaError(
-            f"{uri}: an artifact of the incoherent (QuIP) format, which has no export here: QuIP#'s own loader "
-            "needs its CUDA kernels; serve the native artifact with lamina's kernels"
-        )
+        raise LaminaError(f"{uri}: an artifact of the incoherent (QuIP) format, which {NO_QUIP_EXPORT}")
     if qc.get("quant_method") != "lamina" or fmt not in EXPORTS or qc.get("out_group_size", 1) != 1:
         raise LaminaError(
             f"{uri}: not a lamina artifact of the uniform, codebook or vector format "

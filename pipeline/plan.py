@@ -14,6 +14,7 @@ from algorithms.packing import codes_per_run
 from pipeline.architectures import layout_for
 from pipeline.data import duplicate_ratio, files_of, load_tokenizer, sequences, token_stream
 from pipeline.errors import LaminaError
+from pipeline.export import NO_QUIP_EXPORT
 from pipeline.recipe import Recipe
 from storage import StorageError
 from storage.checkpoint import Checkpoint
@@ -195,10 +196,7 @@ def _check_exports(recipe: Recipe) -> None:
         if open_location(target.output).exists(MANIFEST):
             raise LaminaError(f"{where}: already holds a published artifact; choose a new URI")
         if scheme.algorithm == "quip":
-            raise LaminaError(
-                f"{where}: scheme.algorithm quip has no export format here (QuIP#'s own loader needs its CUDA "
-                "kernels); serve the native artifact with lamina's kernels"
-            )
+            raise LaminaError(f"{where}: scheme.algorithm quip {NO_QUIP_EXPORT}")
         fits = {"aqlm": "codebooks: export format aqlm", "vptq": "vectors: export format vptq"}
         wanted = {"aqlm": ("aqlm",), "vptq": ("vptq",)}.get(scheme.algorithm, ("gptq", "compressed-tensors"))
         if target.format not in wanted:

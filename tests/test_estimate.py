@@ -100,7 +100,7 @@ def test_lamina_plan_prints_the_estimate_and_refuses_what_cannot_fit(capsys) -> 
 def test_a_measured_profile_is_saved_and_planned_with_and_a_bad_one_refused(tmp_path, capsys) -> None:
     path = tmp_path / "cpu.json"
     assert main(["bench", "profile", "--size", "256", "--save", str(path)]) == 0
-    profile = Profile.from_json(path.read_text())
+    profile = Profile.from_doc(json.loads(path.read_text()))
     assert profile.gemm > 1e8 and profile.factor > 1e7 and profile.memory > GIB and profile.baseline > 50 * 2**20
     capsys.readouterr()
     assert main(["plan", "--config", str(CONFIGS / "llama-3-8b.json"), "--device", str(path), "--workers", "2"]) == 0
