@@ -31,8 +31,32 @@ ARCHITECTURES: dict[str, BlockLayout] = {
 }
 
 
+def mixtral(experts: int) -> BlockLayout:
+    """Mixtral's block: Llama's attention, then a router (kept in full precision) over
+    `experts` gated MLPs, each expert's w1/w3 sharing the Hessian of the tokens routed to it."""
+    moe = "block_sparse_moe"
+    experts_groups = []
+    for e in range(experts):
+        p = f"{moe}.experts.{e}."
+        experts_groups += [(p + "w1", p + "w3"), (p + "w2",)]
+    return BlockLayout(
+        modeling_module="transformers.models.mixtral.modeling_mixtral",
+        layer_class="MixtralDecoderLayer",
+        rotary_class="MixtralRotaryEmbedding",
+        norm_class="MixtralRMSNorm",
+        groups=(*LLAMA_GROUPS[:2], *experts_groups),
+        moe=moe,
+    )
+
+
 def layout_for(config: dict) -> BlockLayout:
     model_type = config.get("model_type")
+    if model_type == "mixtral":
+        experts = config.get("num_local_experts")
+        if not isinstance(experts, int) or experts < 1:
+            raise LaminaError(f"mixtral config: num_local_experts must be a positive integer, not {experts!r}")
+        return mixtral(experts)
     if model_type not in ARCHITECTURES:
-        raise LaminaError(f"unsupported architecture {model_type!r} (supported: {', '.join(sorted(ARCHITECTURES))})")
+        supported = ", ".join(sorted([*ARCHITECTURES, "mixtral"]))
+        raise LaminaError(f"unsupported architecture {model_type!r} (supported: {supported})")
     return ARCHITECTURES[model_type]

@@ -31,6 +31,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         ("artifact size", size(report.artifact_bytes)),
         *((f"{phase} seconds", f"{s:.1f}") for phase, s in report.seconds.items()),
         *(("export", uri) for uri in report.exports),
+        *(
+            (f"under-calibrated {u['group']}", f"block {u['block']}: {u['tokens']} tokens, {u['action']}")
+            for u in report.under_calibrated
+        ),
         ("event log", report.events),
     ]
     print(table(rows, "lamina quantize: done"))

@@ -34,7 +34,7 @@ from pipeline.codebook_fit import fit_codebooks
 from pipeline.errors import LaminaError
 from pipeline.export import export
 from pipeline.plan import BlockPlan, Plan, SolveTask, make_plan
-from pipeline.recipe import Recipe
+from pipeline.recipe import Experts, Recipe
 from storage import journal
 from storage.checkpoint import read_json
 from storage.fs import Location, StorageError, open_location
@@ -68,6 +68,8 @@ class RunReport:
     events: str = ""  # URI of the run's event log, published with the artifact
     driver_peak_rss: int = 0  # bytes
     worker_peak_rss: list[int] = field(default_factory=list)  # bytes, the workers alive at the end
+    expert_tokens: dict[int, dict[str, int]] = field(default_factory=dict)  # block -> expert group -> routed tokens
+    under_calibrated: list[dict] = field(default_factory=list)  # {block, group, tokens, action} per expert group
 
 
 @dataclass(frozen=True)
@@ -260,8 +262,47 @@ class Run:
         self.report.seconds["calibrate"] += time.perf_counter() - start
         return folded
 
-    def solve(self, block: int, tasks: list[SolveTask], hessians: object, runners: list) -> list:
-        """The tasks spread over `runners` by cost; references to their solved pieces."""
+    def experts(self, block: int, hessians: object) -> tuple[object, tuple[str, ...]]:
+        """A MoE block's expert groups that the router sent fewer than experts.min_tokens
+        calibration tokens, handled as the recipe says (see pipeline.recipe.Experts) and
+        recorded in the report and the event log: (the Hessians to solve with, the groups
+        to round to nearest). A dense block's Hessians pass through."""
+        layout = self.plan.layout
+        if not layout.moe:
+            return hessians, ()
+        policy = self.plan.recipe.experts or Experts()
+        counts = cluster.get(self.ray, self.runners[0].token_counts.remote(hessians))
+        self.report.expert_tokens.setdefault(block, {}).update(counts)
+        under = {group: n for group, n in sorted(counts.items()) if n < policy.min_tokens}
+        self.events.emit("experts_calibrated", block=block, tokens=counts, under=sorted(under))
+        if not under:
+            return hessians, ()
+        action = policy.under_calibrated
+        if action == "error":
+            names = ", ".join(f"{group} ({n})" for group, n in under.items())
+            raise LaminaError(
+                f"block {block}: experts reached by fewer than {policy.min_tokens} calibration tokens: {names}; "
+                "give more calibration samples, or set experts.under_calibrated to rtn or all_tokens"
+            )
+        for group, n in under.items():
+            self.report.under_calibrated.append({"block": block, "group": group, "tokens": n, "action": action})
+        log.warning("block %d: %d expert groups under-calibrated (%s)", block, len(under), action)
+        if action == "rtn":
+            return hessians, tuple(under)
+        chosen = sorted({layout.expert_of(group) for group in under})
+        parts = [r.calibrate.remote(self.chunks, list(under), chosen) for r in self.runners]
+        again = self.runners[0].reduce.remote(self.chunks, *parts)
+        merged = self.runners[0].merge.remote(hessians, again)
+        start = time.perf_counter()
+        self.ray.wait([merged], fetch_local=False)
+        self.report.seconds["calibrate"] += time.perf_counter() - start
+        return merged, ()
+
+    def solve(
+        self, block: int, tasks: list[SolveTask], hessians: object, runners: list, rtn: tuple[str, ...] = ()
+    ) -> list:
+        """The tasks spread over `runners` by cost; references to their solved pieces (the
+        linears of the groups in `rtn` rounded to nearest)."""
         scheme = self.plan.recipe.scheme
         tokens = 0 if self.plan.calibration is None else self.plan.calibration.size
         if scheme.codebook:  # row pieces that share codebooks: fit together, driven from here
@@ -278,6 +319,7 @@ class Run:
                 algorithm=scheme.algorithm,
                 scheme=scheme.format,
                 options=scheme.options,
+                rtn=rtn,
             )
             for runner, share in zip(runners, shares, strict=True)
             if share
@@ -296,12 +338,12 @@ class Run:
         stages = self.stages(block)
         solved_all, installed = [], 0
         for n, stage in enumerate(stages):
-            hessians = None
+            hessians, rtn = None, ()
             if plan.needs_calibration:
                 groups = sorted({plan.layout.group_of(lin.name) for lin in stage.linears}) if len(stages) > 1 else None
-                hessians = self.hessians(groups)
+                hessians, rtn = self.experts(block.index, self.hessians(groups))
             start = time.perf_counter()
-            solved = self.solve(block.index, self.tasks(stage), hessians, self.runners)
+            solved = self.solve(block.index, self.tasks(stage), hessians, self.runners, rtn)
             self.ray.wait(solved, num_returns=len(solved), fetch_local=False)
             self.report.seconds["solve"] += time.perf_counter() - start
             solved_all += solved
@@ -359,12 +401,12 @@ class Run:
         self.set_inputs(0)
         last = max(b.index for b in left)
         wanted = {b.index for b in left}
-        hessians = {}
+        hessians, rtn = {}, {}
         for block in self.plan.blocks[: last + 1]:
             self.timed("load", [r.load_block.remote(block.index) for r in self.runners])
             if block.index in wanted:
                 self.events.emit("block_started", block=block.index, workers=[w.name for w in self.workers])
-                hessians[block.index] = self.hessians(None)
+                hessians[block.index], rtn[block.index] = self.experts(block.index, self.hessians(None))
             if block.index < last:
                 self.timed("calibrate", [r.forward.remote() for r in self.runners])
         cluster.get(self.ray, [r.set_inputs.remote({}) for r in self.runners])  # the pass's inputs are no longer needed
@@ -375,7 +417,7 @@ class Run:
             for k in share:
                 block = left[k]
                 w.handle.load_block.remote(block.index)
-                solved = self.solve(block.index, self.tasks(block), hessians[block.index], [w.handle])
+                solved = self.solve(block.index, self.tasks(block), hessians[block.index], [w.handle], rtn[block.index])
                 pending[w.handle.write_block.remote(self.stage.uri, self.shards[block.index], *solved)] = (block, w)
         while pending:
             ready, _ = self.ray.wait(list(pending), num_returns=1)
@@ -411,6 +453,7 @@ class Run:
             seconds={k: round(v, 3) for k, v in self.report.seconds.items()},
             driver_peak_rss=self.report.driver_peak_rss,
             worker_peak_rss=dict(zip([w.name for w in self.workers], self.report.worker_peak_rss, strict=True)),
+            under_calibrated=self.report.under_calibrated,
         )
         events = self.events.location.read_bytes(journal.EVENTS)
         self.report.files[EVENTS] = put_bytes(stage, EVENTS, events)  # published beside the weights

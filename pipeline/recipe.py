@@ -325,6 +325,18 @@ class Resources(Strict):
         return bundle
 
 
+class Experts(Strict):
+    """What a MoE model's experts need of calibration. Each expert's Hessian comes from the
+    tokens the router sends it; one that got fewer than `min_tokens` in a block is handled
+    by `under_calibrated`: `error` stops the run naming it, `rtn` quantizes its linears by
+    round-to-nearest (GPTQ's uniform grid only), `all_tokens` runs every calibration token
+    through it for its Hessian (the block's outputs still use only the routed tokens).
+    The run's report and event log list every expert so handled."""
+
+    min_tokens: int = Field(128, ge=1)
+    under_calibrated: Literal["error", "rtn", "all_tokens"] = "error"
+
+
 class Export(Strict):
     """A copy of the published artifact in a layout serving engines load."""
 
@@ -341,10 +353,20 @@ class Recipe(Strict):
     gates: Gates | None = Field(None, description="what `lamina release` requires of the eval before publishing")
     export: list[Export] = Field(default_factory=list, description="written after the artifact is published")
     resources: Resources = Resources()
+    experts: Experts | None = Field(None, description="MoE models: experts that few calibration tokens reach")
     storage: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="fsspec options per URI prefix; credentials only as ${env:NAME} references",
     )
+
+    @model_validator(mode="after")
+    def _rtn_fallback_needs_a_uniform_grid(self) -> Recipe:
+        if self.experts and self.experts.under_calibrated == "rtn" and self.scheme.algorithm != "gptq":
+            raise ValueError(
+                f"experts.under_calibrated: rtn falls back to GPTQ's uniform grid; with algorithm "
+                f"{self.scheme.algorithm} use error or all_tokens"
+            )
+        return self
 
     @field_validator("storage")
     @classmethod
@@ -365,6 +387,8 @@ class Recipe(Strict):
         for added in ("aqlm", "vptq", "quip"):  # recipes from before AQLM, VPTQ and QuIP keep their hash
             if doc["scheme"][added] is None:
                 del doc["scheme"][added]
+        if doc["experts"] is None:  # recipes from before MoE support keep their hash
+            del doc["experts"]
         if self.calibration is not None:  # how much duplication to tolerate does not change the bytes
             doc["calibration"] = self.calibration.model_dump(mode="json", exclude={"max_duplicate_ratio"})
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()

@@ -45,6 +45,7 @@ from storage.safetensors_io import read_header, read_tensors
 from storage.writer import FileRecord, put_tensors
 from workers.chunk_sum import Node, fold, push
 from workers.layout import BlockLayout
+from workers.moe import SparseMoe, install_moe
 
 log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
@@ -132,6 +133,14 @@ def join_rows(solved: tuple[list[Piece], ...]) -> dict[str, Arrays]:
 
 SCORE_ROWS = 1024  # predicted tokens whose log-probs are held at once
 ERROR_ROWS = 256  # rows of each solved piece on which its error is measured (70B: ~1% of the solve)
+TOKENS = "#tokens"  # an expert group's Hessian comes with the count of its tokens, as hessians[group + TOKENS]
+
+
+def scaled_hessian(hessians: Arrays, group: str, tokens: int) -> torch.Tensor:
+    """The group's H / its token count: `tokens` (the calibration set) for a linear every
+    token reaches, the routed count for an expert's."""
+    count = hessians.get(group + TOKENS)
+    return torch.from_numpy(hessians[group]) / (tokens if count is None else max(float(count[0]), 1.0))
 
 
 def weighted_error(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor | None) -> np.ndarray:
@@ -318,6 +327,8 @@ class BlockRunner:
         self.raw = raw
         with torch.device("meta"):
             layer = getattr(self.modeling, self.layout.layer_class)(self.config, index)
+            if self.layout.moe:
+                install_moe(layer, self.config, self.layout.moe)
         layer = layer.to_empty(device="cpu")
         quantized = [lin for lin in self.layout.linears if any(f"{lin}.{m}" in self.raw for m in MARKERS)]
         if quantized and fmt is None:
@@ -352,17 +363,24 @@ class BlockRunner:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.inference_mode()
-    def calibrate(self, total: int, groups: list[str] | None = None) -> list[Node]:
+    def calibrate(self, total: int, groups: list[str] | None = None, route_all: list[int] | None = None) -> list[Node]:
         """The sums of x x^T of the inputs of each linear group (all, or those named by
         their first linear) over this runner's chunks, folded into whole subtrees of the
         fixed tree over all `total` chunks (see workers.chunk_sum): [(first chunk, span,
         {group: H})]. The forward of a chunk stops once the last wanted input is seen:
-        the rest of the block is not needed here."""
+        the rest of the block is not needed here.
+
+        An expert's group also gets its token count (group + TOKENS): a chunk may route
+        no token to it (a zero sum). `route_all` names experts run on every token for
+        these sums (see SparseMoe)."""
         captured: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
         names = [group[0] for group in self.layout.groups] if groups is None else groups
+        experts = [name for name in names if self.layout.is_expert(name)]
 
         def capture(name: str, x: torch.Tensor) -> None:
             captured[name] = input_gram(x)
+            counts[name] = x.reshape(-1, x.shape[-1]).shape[0]
             if len(captured) == len(names):
                 raise _StopForwardError
 
@@ -372,19 +390,38 @@ class BlockRunner:
             )
             for name in names
         ]
+        moe = self.layer.get_submodule(self.layout.moe) if self.layout.moe else None
+        if isinstance(moe, SparseMoe):
+            moe.route_all = frozenset(route_all or ())
         try:
             stack: list[Node] = []
             for chunk, hidden in self.hidden.items():
                 with contextlib.suppress(_StopForwardError):
                     self._run(hidden)
+                for name in experts:  # no token of this chunk was routed to it
+                    if name not in captured:
+                        n = self.layer.get_submodule(name).in_features
+                        captured[name], counts[name] = torch.zeros(n, n), 0
                 if missing := sorted(set(names) - set(captured)):
                     raise RuntimeError(f"block {self.index}: the forward never reached {', '.join(missing)}")
-                push(stack, (chunk, 1, {name: h.numpy() for name, h in captured.items()}), total)
+                sums = {name: h.numpy() for name, h in captured.items()}
+                sums.update({name + TOKENS: np.array([counts[name]], dtype=np.int64) for name in experts})
+                push(stack, (chunk, 1, sums), total)
                 captured.clear()
             return stack
         finally:
             for hook in hooks:
                 hook.remove()
+            if isinstance(moe, SparseMoe):
+                moe.route_all = frozenset()
+
+    def token_counts(self, hessians: Arrays) -> dict[str, int]:
+        """The token count of each expert group in reduced Hessians."""
+        return {k.removesuffix(TOKENS): int(v[0]) for k, v in hessians.items() if k.endswith(TOKENS)}
+
+    def merge(self, *parts: Arrays) -> Arrays:
+        """Reduced Hessians of separate calibrations, later ones replacing earlier ones' groups."""
+        return {k: v for part in parts for k, v in part.items()}
 
     def reduce(self, total: int, *parts: list[Node]) -> Arrays:
         """The Hessians of the whole calibration set: every runner's subtrees folded in
@@ -402,9 +439,11 @@ class BlockRunner:
         algorithm: str,
         scheme: Format,
         options: object,
+        rtn: tuple[str, ...] = (),
     ) -> list[Piece]:
         """Quantize rows first..last-1 of each named linear of the loaded block (rows are
-        independent given H, which is normalised by the token count)."""
+        independent given H, which is normalised by the token count); the linears of the
+        groups in `rtn` (experts too few tokens reached) by round-to-nearest, without H."""
         if block != self.index:
             raise RuntimeError(f"asked to solve block {block}, but block {self.index} is loaded")
         out = []
@@ -412,10 +451,13 @@ class BlockRunner:
         for linear, first, last in sorted(tasks, key=lambda t: (self.layout.group_of(t[0]), t)):
             group = self.layout.group_of(linear)
             W = self.layer.get_submodule(linear).weight.detach()  # [out, in]
-            H = None if hessians is None else torch.from_numpy(hessians[group]) / tokens
+            H = None if hessians is None or group in rtn else scaled_hessian(hessians, group, tokens)
             if H is not None and algorithm in PREPARERS and group not in prepared:
                 prepared = {group: PREPARERS[algorithm](H, options)}
-            if algorithm == "quip":  # its rotation mixes all rows: the error is measured in the rotated space
+            if H is None and hessians is not None:  # an under-calibrated expert
+                qw = QUANTIZERS["rtn"](W[first:last], None, scheme, options)
+                error = weighted_error(W[first:last], dequantize(qw), None)
+            elif algorithm == "quip":  # its rotation mixes all rows: the error is measured in the rotated space
                 qw, Wt, Ht = quip_rows(W, first, last, H, scheme, options, prepared.get(group))
                 error = weighted_error(Wt, rotated(qw), Ht)
             else:
@@ -447,7 +489,7 @@ class BlockRunner:
         if device == "cuda":  # index_add_'s sums in a fixed order: the same bytes every run
             torch.use_deterministic_algorithms(True, warn_only=True)
         groups = {self.layout.group_of(t[0]) for t in tasks}
-        H = {group: (torch.from_numpy(hessians[group]) / tokens).to(device) for group in groups}
+        H = {group: scaled_hessian(hessians, group, tokens).to(device) for group in groups}
         self.fits = {}
         for linear in sorted({t[0] for t in tasks}):
             W = self.layer.get_submodule(linear).weight.detach().to(device)  # [out, in]

@@ -19,6 +19,14 @@ class BlockLayout:
     embed: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
+    moe: str = ""  # a MoE block's prefix in the checkpoint (its experts are `{moe}.experts.N.*`); "" if dense
+
+    def is_expert(self, group: str) -> bool:
+        """Whether the group's linears are one expert's (they read only the tokens routed to it)."""
+        return bool(self.moe) and group.startswith(f"{self.moe}.experts.")
+
+    def expert_of(self, group: str) -> int:
+        return int(group.removeprefix(f"{self.moe}.experts.").split(".")[0])
 
     @property
     def linears(self) -> tuple[str, ...]:
