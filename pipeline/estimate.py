@@ -17,8 +17,14 @@ QuIP; the codebook fits hold the same Hessians):
   needs 12), and the piece's rows (float32, permuted, and codes: 9 bytes per weight).
   `benchmarks/block70b.py` checks the sum against a measured peak.
 
-The peak is the block plus the larger of calibration (activations + Hessian partials) and
-solve (activations + the reduced Hessians + one solve's working set).
+- before the first block, the embedding of the worker's chunks (the table as stored and
+  in float32); after the last, worker 0's copy of the tensors outside the blocks
+  (embeddings, head, final norm) into the artifact: read, then serialized twice
+  (safetensors' per-tensor bytes and the file's), three times their stored size.
+
+The peak is the worker's runtime (the profile's baseline), the block and the hidden
+states, plus the largest of those phases: embedding, calibration (activations + Hessian
+partials), solve (the reduced Hessians + one solve's working set) and the final copy.
 """
 
 from __future__ import annotations
@@ -120,10 +126,13 @@ class ModelShape:
         router = self.experts * self.hidden
         return sum(lin.params for lin in self.linears()) + 2 * self.hidden + router
 
+    def outside_params(self) -> int:
+        """Outside the blocks: embeddings, (untied) LM head and the final norm."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
     def params(self) -> int:
         """The whole model: blocks, embeddings, final norm and (untied) LM head."""
-        embed = self.vocab * self.hidden
-        return self.layers * self.block_params() + embed * (1 if self.tied else 2) + self.hidden
+        return self.layers * self.block_params() + self.outside_params()
 
     def groups(self) -> dict[str, int]:
         """Each Hessian's input size, by group."""
@@ -155,17 +164,33 @@ class Profile:
         return cls(**doc)
 
 
+def runtime_rss() -> int:
+    """The resident bytes of this process once it has imported what a worker runs (the
+    runner, transformers' modeling code): a worker's memory before any block."""
+    import importlib
+
+    import workers.block  # noqa: F401
+
+    importlib.import_module("transformers.models.llama.modeling_llama")
+    for line in open("/proc/self/status").read().splitlines():  # noqa: SIM115
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def measure_profile(device: str = "cpu", size: int = 0, price: float = 0.0) -> Profile:
     """This machine's achieved rates: the best of 3 float32 matmuls of size^3 and float64
     Cholesky factorizations of size^2 (size 2048 on CPU, 8192 on a GPU by default); the
-    memory a worker may use (RAM, or the GPU's); the RSS of this process as the baseline."""
+    memory a worker may use (RAM, or the GPU's); the worker runtime's resident memory as
+    the baseline (runtime_rss, before the benchmarks)."""
     import os
     import time
 
     import torch
 
     from algorithms.types import UniformScheme
-    from workers.block import peak_rss
+
+    baseline = runtime_rss()
 
     size = size or (8192 if device == "cuda" else 2048)
     gen = torch.Generator(device=device).manual_seed(0)
@@ -197,7 +222,7 @@ def measure_profile(device: str = "cpu", size: int = 0, price: float = 0.0) -> P
     else:
         name = f"CPU ({torch.get_num_threads()} threads)"
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Profile(name, gemm=gemm, factor=factor, memory=memory, price=price, baseline=peak_rss(), column=column)
+    return Profile(name, gemm=gemm, factor=factor, memory=memory, price=price, baseline=baseline, column=column)
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -249,14 +274,19 @@ class WorkerEstimate:
     solve_flops: float
     factor_flops: float
     seconds: float
+    embedding: tuple[Tensor, ...] = ()  # held while embedding the chunks, before the first block
+    copy: tuple[Tensor, ...] = ()  # held by worker 0 while it copies the tensors outside the blocks
+
+    def phases(self) -> dict[str, tuple[Tensor, ...]]:
+        return {"embedding": self.embedding, "calibration": self.calibration, "solve": self.solve, "copy": self.copy}
 
     @property
     def peak(self) -> int:
         base = sum(t.nbytes for t in self.resident)
-        return base + max(sum(t.nbytes for t in self.calibration), sum(t.nbytes for t in self.solve))
+        return base + max(sum(t.nbytes for t in part) for part in self.phases().values())
 
     def largest(self) -> Tensor:
-        return max((*self.resident, *self.calibration, *self.solve), key=lambda t: t.nbytes)
+        return max((*self.resident, *(t for part in self.phases().values() for t in part)), key=lambda t: t.nbytes)
 
 
 @dataclass(frozen=True)
@@ -334,7 +364,11 @@ def estimate(
     # calibration's forward, then the same forward again through the quantized block (propagation)
     columns = sum(tasks[i][0].in_features for i in busiest)  # the solves' per-column loop
     seconds = (2 * forward + gram + sweep) / profile.gemm + factor / profile.factor + columns * profile.column
-    worker = WorkerEstimate(resident, calibration, solve, forward + gram, sweep, factor, seconds)
+    stored = shape.dtype_bytes
+    table = shape.vocab * h * (stored + F32 * (stored != F32))  # .float() copies unless it is float32 already
+    embedding = (Tensor("embedding table as stored and in float32", table),)
+    copy = (Tensor("tensors outside the blocks: read, serialized twice", 3 * shape.outside_params() * stored),)
+    worker = WorkerEstimate(resident, calibration, solve, forward + gram, sweep, factor, seconds, embedding, copy)
     total = seconds * shape.layers
     return RunEstimate(shape, profile, workers, worker, total, profile.price * workers * total / 3600)
 
@@ -353,6 +387,8 @@ def check_fits(run: RunEstimate) -> None:
     big = w.largest()
     if big in w.calibration or "chunks" in big.what:
         options = "more workers (fewer chunks each), smaller calibration chunks, or a device with more memory"
+    elif big in w.embedding or big in w.copy:
+        options = "a device with more memory for worker 0 (the embeddings and head are copied whole)"
     else:
         options = "a device with more memory (the Hessian inverse on CPU and split factorizations are not built yet)"
     raise ValueError(
@@ -372,7 +408,7 @@ def describe(run: RunEstimate) -> list[str]:
         f"{s.model_type}: {s.params() / 1e9:.2f}B parameters, {s.layers} blocks of {s.block_params() / 1e6:.1f}M",
         f"on {run.workers} x {run.profile.name}: per block and worker",
     ]
-    for title, part in (("held", w.resident), ("calibration", w.calibration), ("solve", w.solve)):
+    for title, part in (("held", w.resident), *w.phases().items()):
         lines += [f"  {title:<12}{t.what:<64}{gib(t.nbytes):>12}" for t in part]
     lines += [
         f"  peak        {gib(w.peak):>76}",

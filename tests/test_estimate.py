@@ -3,6 +3,7 @@ families (tests/configs: Llama-3 8B and 70B, Llama-3.1-405B, Qwen2.5-72B, Mixtra
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from pathlib import Path
@@ -110,3 +111,24 @@ def test_a_measured_profile_is_saved_and_planned_with_and_a_bad_one_refused(tmp_
     assert "not a device profile" in capsys.readouterr().err
     assert main(["plan", "--config", str(CONFIGS / "llama-3-8b.json"), "--device", "tpu"]) == 2
     assert "neither a device profile file nor one of h100" in capsys.readouterr().err
+
+
+def test_the_fixture_workers_peak_is_predicted_within_30_percent(ray_cluster, small_model, small_reference) -> None:
+    """The planner's peak for the small recipe on one worker (small_reference: 4 blocks,
+    8 x 128 tokens in chunks of one sequence, 512-row pieces) against the peak RSS that
+    worker reported. The profile's baseline is measured as `lamina bench profile` does on
+    a worker: a fresh runner actor's resident memory before any block."""
+    from pipeline.architectures import layout_for
+    from workers.actors import block_actor
+
+    config = json.loads((small_model / "config.json").read_text())
+    idle = block_actor().options(num_cpus=1).remote(model_uri=str(small_model), layout=layout_for(config), threads=1)
+    baseline = ray_cluster.get(idle.peak_rss.remote())
+    ray_cluster.kill(idle)
+    profile = dataclasses.replace(PROFILES["cpu"], baseline=baseline)
+    run = estimate(ModelShape.from_config(config), profile, workers=1, tokens=8 * 128, seq_len=128,
+                   chunk_tokens=128, solve_rows=512)  # fmt: skip
+    (measured,) = small_reference.worker_peak_rss
+    print(f"baseline {baseline / 2**20:.0f} MiB, predicted {run.worker.peak / 2**20:.0f}, measured {measured / 2**20:.0f}")
+    assert run.worker.peak == pytest.approx(measured, rel=0.3)
+    assert run.worker.peak - baseline > 0.3 * (measured - baseline)  # the work itself, not only the runtime
