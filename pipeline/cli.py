@@ -233,12 +233,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline import estimate as est
     from storage.checkpoint import read_json
 
-    tokens, seq_len, chunk, rows = 128 * 2048, 2048, 8 * 2048, 8192
+    tokens, seq_len, chunk, rows, spill = 128 * 2048, 2048, 8 * 2048, 8192, args.spill
     if args.recipe:
         from pipeline import recipe as recipes
 
         recipe = recipes.load(args.recipe)
         where, rows = recipe.model, recipe.scheme.piece_rows
+        spill = spill or recipe.resources.spill is not None
         cal = recipe.calibration
         if cal is not None:
             tokens, seq_len, chunk = cal.tokens, cal.seq_len, cal.chunk_size * cal.seq_len
@@ -258,7 +259,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise LaminaError(f"plan: --device {e}") from None
     if args.price is not None:
         profile = dataclasses.replace(profile, price=args.price)
-    sizes = {"tokens": tokens, "seq_len": seq_len, "chunk_tokens": chunk, "solve_rows": rows}
+    sizes = {"tokens": tokens, "seq_len": seq_len, "chunk_tokens": chunk, "solve_rows": rows, "spill": spill}
     if args.workers:
         run = est.estimate(shape, profile, workers=args.workers, **sizes)
     else:
@@ -308,6 +309,7 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--workers", type=int, help="workers (default: the count that finishes first)")
     pl.add_argument("--max-workers", type=int, default=8, help="the most workers tried (default 8)")
     pl.add_argument("--price", type=float, help="price per device-hour (default: the profile's)")
+    pl.add_argument("--spill", action="store_true", help="plan with chunks spilled to files (resources.spill)")
     pl.set_defaults(func=cmd_plan)
     b = sub.add_parser("bench", help="benchmarks against a baseline measured in the same run")
     bsub = b.add_subparsers(dest="what", required=True)

@@ -51,10 +51,13 @@ class Pool:
     ray: ModuleType
     runners: list
     group: object
+    spilled: bool = False  # the workers keep chunks in files (resources.spill)
 
     def release(self) -> None:
         from ray.util.placement_group import remove_placement_group
 
+        if self.spilled:  # drop the workers' inputs first: spilled chunks are files that outlive the process
+            self.ray.wait([r.set_inputs.remote({}) for r in self.runners], num_returns=len(self.runners), timeout=60)
         for r in self.runners:
             self.ray.kill(r)
         remove_placement_group(self.group)
@@ -80,7 +83,7 @@ def start_runners(ray: ModuleType, resources: Resources, **kwargs: object) -> Po
         )
     actor = block_actor()
     threads = max(1, int(resources.cpus_per_worker))
-    options = {"threads": threads, "storage": configured(), **kwargs}
+    options = {"threads": threads, "storage": configured(), "spill": resources.spill, **kwargs}
     runners = [
         actor.options(
             num_cpus=resources.cpus_per_worker,
@@ -91,7 +94,7 @@ def start_runners(ray: ModuleType, resources: Resources, **kwargs: object) -> Po
         ).remote(**options)
         for i in range(resources.workers)
     ]
-    return Pool(ray, runners, group)
+    return Pool(ray, runners, group, spilled=resources.spill is not None)
 
 
 class WorkerLostError(Exception):

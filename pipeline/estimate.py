@@ -316,9 +316,11 @@ def estimate(
     seq_len: int,
     chunk_tokens: int,
     solve_rows: int = 8192,
+    spill: bool = False,
 ) -> RunEstimate:
     """The run on `workers` devices of `profile`: each worker holds the block and 1/workers
-    of the calibration tokens; a block's row pieces are spread over the workers by cost."""
+    of the calibration tokens (with `spill`, one chunk's in memory, its input and output,
+    and the rest in files); a block's row pieces are spread over the workers by cost."""
     from pipeline.balance import balance
 
     h = shape.hidden
@@ -331,7 +333,9 @@ def estimate(
         Tensor("the worker's runtime (profile baseline)", profile.baseline),
         Tensor("block weights as stored", block * shape.dtype_bytes),
         Tensor("block module (float32)", block * F32),
-        Tensor("hidden states of the worker's chunks (float32)", own_tokens * h * F32),
+        Tensor("hidden states of one chunk, in and out (the rest spilled)", 2 * chunk_tokens * h * F32)
+        if spill
+        else Tensor("hidden states of the worker's chunks (float32)", own_tokens * h * F32),
     )
     inter = shape.intermediate * (shape.experts_per_token if shape.experts else 1)
     scores = shape.heads * seq_len * seq_len * F32
@@ -386,7 +390,10 @@ def check_fits(run: RunEstimate) -> None:
         return
     big = w.largest()
     if big in w.calibration or "chunks" in big.what:
-        options = "more workers (fewer chunks each), smaller calibration chunks, or a device with more memory"
+        options = (
+            "more workers (fewer chunks each), smaller calibration chunks, chunks spilled to files "
+            "(resources.spill), or a device with more memory"
+        )
     elif big in w.embedding or big in w.copy:
         options = "a device with more memory for worker 0 (the embeddings and head are copied whole)"
     else:

@@ -314,6 +314,11 @@ class Resources(Strict):
     )
     max_retries: int = Field(3, ge=0, description="times one block is redone after losing workers")
     ray_address: str | None = None
+    spill: str | None = Field(
+        None,
+        description="a folder URI (local disk or object storage) where workers keep their chunks' hidden states "
+        "between blocks instead of memory: one chunk in memory at a time",
+    )
 
     def bundle(self) -> dict[str, float]:
         """One worker's resource request, as a placement group bundle."""

@@ -14,12 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from pipeline.architectures import layout_for
 from pipeline.cli import main
 from pipeline.driver import balance, quantize
 from pipeline.recipe import parse
+from storage.fs import open_location
 from storage.manifest import read_manifest, verify
 from tests.conftest import SMALL_BLOCKS, small_recipe_doc
+from workers.block import BlockRunner
 from workers.chunk_sum import fold, push, root_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,17 +83,20 @@ def test_balance_spreads_costs_and_is_deterministic() -> None:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, ray_cluster, small_model, small_reference):
+def runs(tmp_path_factory, ray_cluster, small_model, small_reference, s3_endpoint):
     """The small model quantized with 1 (small_reference), 2 and 3 workers (row pieces
-    spread over them), and with fp propagation on 1 and 3 workers."""
+    spread over them), and with fp propagation on 1 and 3 workers; the 3-worker runs keep
+    their chunks in files (resources.spill): on local disk, and on S3 for fp."""
     tmp = tmp_path_factory.mktemp("distributed")
     three = {"workers": 3, "cpus_per_worker": 0.5}
     fp = {"samples": 8, "seq_len": 128, "chunk_size": 1, "propagation": "fp"}
     docs = {
         "w2": small_recipe_doc(tmp / "w2", small_model),
-        "w3": small_recipe_doc(tmp / "w3", small_model, resources=three),
+        "w3": small_recipe_doc(tmp / "w3", small_model, resources={**three, "spill": str(tmp / "spill")}),
         "fp1": small_recipe_doc(tmp / "fp1", small_model, calibration=fp, resources={"workers": 1}),
-        "fp3": small_recipe_doc(tmp / "fp3", small_model, calibration=fp, resources=three),
+        "fp3": small_recipe_doc(
+            tmp / "fp3", small_model, calibration=fp, resources={**three, "spill": f"{s3_endpoint}/spill-fp3"}
+        ),
     }
     reports = {name: quantize(parse(doc), progress=False) for name, doc in docs.items()}
     return {"w1": small_reference, **reports}, tmp
@@ -102,6 +109,28 @@ def test_one_two_and_three_workers_give_bit_identical_artifacts(runs) -> None:
     assert hashes["w1"] == hashes["w2"] == hashes["w3"]
     assert all(verify(reports[name].output) == [] for name in hashes)
     assert [reports[n].workers for n in ("w1", "w2", "w3")] == [1, 2, 3]
+
+
+def test_spilled_chunks_live_in_files_while_held_and_none_are_left(runs, small_model, s3_endpoint, tmp_path) -> None:
+    """w3 and fp3 spilled (same bytes as the others: the tests above); their spill folders
+    are empty after the runs. A spilling runner holds one file per chunk and computes what
+    an in-memory one does."""
+    _, tmp = runs
+    assert [p for p in (tmp / "spill").rglob("*") if p.is_file()] == []
+    assert open_location(f"{s3_endpoint}/spill-fp3").list_files() == []
+    config = json.loads((small_model / "config.json").read_text())
+    kwargs = {"model_uri": str(small_model), "layout": layout_for(config), "threads": 1}
+    spilled, held = BlockRunner(**kwargs, spill=str(tmp_path)), BlockRunner(**kwargs)
+    tokens = {c: np.arange(c * 64, c * 64 + 64).reshape(2, 32) for c in range(3)}
+    for runner in (spilled, held):
+        runner.set_inputs(tokens)
+        runner.load_block(0)
+        runner.forward()
+    files = sorted(p.name for p in tmp_path.rglob("*.safetensors"))
+    assert files == [f"chunk-{c:06d}.safetensors" for c in range(3)]
+    assert all(torch.equal(spilled.hidden[c], held.hidden[c]) for c in range(3))
+    spilled.set_inputs({})
+    assert list(tmp_path.rglob("*.safetensors")) == []
 
 
 def test_fp_propagation_is_bit_identical_across_workers_and_differs_after_block_0(runs) -> None:

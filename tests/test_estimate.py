@@ -129,6 +129,7 @@ def test_the_fixture_workers_peak_is_predicted_within_30_percent(ray_cluster, sm
     run = estimate(ModelShape.from_config(config), profile, workers=1, tokens=8 * 128, seq_len=128,
                    chunk_tokens=128, solve_rows=512)  # fmt: skip
     (measured,) = small_reference.worker_peak_rss
-    print(f"baseline {baseline / 2**20:.0f} MiB, predicted {run.worker.peak / 2**20:.0f}, measured {measured / 2**20:.0f}")
+    mib = [round(n / 2**20) for n in (baseline, run.worker.peak, measured)]
+    print("baseline, predicted and measured peak (MiB):", *mib)
     assert run.worker.peak == pytest.approx(measured, rel=0.3)
     assert run.worker.peak - baseline > 0.3 * (measured - baseline)  # the work itself, not only the runtime

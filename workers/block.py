@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import socket
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,7 @@ from storage.writer import FileRecord, put_tensors
 from workers.chunk_sum import Node, fold, push
 from workers.layout import BlockLayout
 from workers.moe import SparseMoe, install_moe
+from workers.spill import SpilledChunks
 
 log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
@@ -226,9 +228,12 @@ class BlockRunner:
         threads: int,
         storage: dict[str, dict] | None = None,
         kernel: Requested | None = None,
+        spill: str | None = None,
     ):
         """kernel: run stored quantized linears through this low-bit kernel (eval); None:
-        dequantize them once per block (quantization's propagation, the reference's numbers)."""
+        dequantize them once per block (quantization's propagation, the reference's numbers).
+        spill: keep the chunks' hidden states in files under this URI (workers.spill), not
+        in memory."""
         torch.set_num_threads(threads)
         self.kernel = kernel
         if kernel is not None:
@@ -237,8 +242,9 @@ class BlockRunner:
         self.layout = layout
         self.modeling = layout.module()
         self.reopen(model_uri)
+        self.spill = spill
         self.tokens: dict[int, np.ndarray] = {}  # chunk id -> token ids [seqs, T]
-        self.hidden: dict[int, torch.Tensor] = {}  # chunk id -> [seqs, T, hidden]
+        self.hidden: MutableMapping[int, torch.Tensor] = self.chunk_store()  # chunk id -> [seqs, T, hidden]
         self.at = 0  # the block whose inputs `hidden` holds
         self.layer: nn.Module | None = None
         self.raw: dict[str, torch.Tensor] = {}  # the loaded block's stored tensors, by local name
@@ -279,9 +285,14 @@ class BlockRunner:
         """(the block whose inputs this runner holds, its chunk ids)."""
         return self.at, sorted(self.hidden)
 
+    def chunk_store(self) -> MutableMapping[int, torch.Tensor]:
+        """Where the chunks' hidden states live: a dict, or files under the spill URI."""
+        return {} if self.spill is None else SpilledChunks(self.spill)
+
     def set_inputs(self, tokens: dict[int, np.ndarray], staged: StagedBlocks | None = None) -> int:
         """Hold exactly these chunks (token ids [seqs, T] each): see add_inputs."""
-        self.tokens, self.hidden, self.at = {}, {}, 0
+        self.hidden.clear()
+        self.tokens, self.hidden, self.at = {}, self.chunk_store(), 0
         return self.add_inputs(tokens, staged)
 
     @torch.inference_mode()
@@ -291,23 +302,28 @@ class BlockRunner:
         those blocks as stored, which gives the same hidden states the run itself
         propagated. Returns the number of chunks held; the loaded block is gone after a
         catch-up (load the next one)."""
-        embed = self.checkpoint.read([self.layout.embed])[self.layout.embed].float()  # [vocab, hidden]
-        fresh = {c: nn.functional.embedding(torch.from_numpy(t).long(), embed) for c, t in sorted(tokens.items())}
         blocks = staged.blocks if staged else 0
         if self.hidden and blocks != self.at:
             raise RuntimeError(f"runner holds inputs of block {self.at}; cannot add chunks at block {blocks}")
-        if staged:
+        if tokens:
+            embed = self.checkpoint.read([self.layout.embed])[self.layout.embed].float()  # [vocab, hidden]
+            for c, t in sorted(tokens.items()):
+                self.hidden[c] = nn.functional.embedding(torch.from_numpy(t).long(), embed)
+            del embed
+        if staged and tokens:
             location = open_location(staged.uri)
             for i, file in enumerate(staged.shards):
                 header = read_header(location, file)
                 prefix = self.layout.block(i)
                 tensors = read_tensors(location, header, sorted(header.entries))
                 self._build(i, {n[len(prefix) :]: t for n, t in tensors.items()}, staged.format)
-                fresh = {c: self._run(h) for c, h in fresh.items()}
+                for c in sorted(tokens):
+                    self.hidden[c] = self._run(self.hidden[c])
             self.layer, self.raw, self.index = None, {}, -1
-        self.tokens.update(tokens)
-        self.hidden.update(fresh)
-        self.tokens, self.hidden, self.at = dict(sorted(self.tokens.items())), dict(sorted(self.hidden.items())), blocks
+        self.tokens = dict(sorted({**self.tokens, **tokens}.items()))
+        if isinstance(self.hidden, dict):
+            self.hidden = dict(sorted(self.hidden.items()))
+        self.at = blocks
         return len(self.hidden)
 
     # ---- one block ----------------------------------------------------------------
@@ -540,7 +556,8 @@ class BlockRunner:
         """Run every chunk through the loaded block: its outputs become the next inputs."""
         if self.at != self.index:
             raise RuntimeError(f"runner holds inputs of block {self.at}, not of the loaded block {self.index}")
-        self.hidden = {c: self._run(h) for c, h in self.hidden.items()}
+        for c in list(self.hidden):
+            self.hidden[c] = self._run(self.hidden[c])
         self.at = self.index + 1
 
     def write_block(self, uri: str, file: str, *solved: list[Piece]) -> tuple[FileRecord, list[str], dict[str, float]]:
