@@ -83,7 +83,14 @@ def start_runners(ray: ModuleType, resources: Resources, **kwargs: object) -> Po
         )
     actor = block_actor()
     threads = max(1, int(resources.cpus_per_worker))
-    options = {"threads": threads, "storage": configured(), "spill": resources.spill, **kwargs}
+    options = {
+        "threads": threads,
+        "storage": configured(),
+        "spill": resources.spill,
+        "solve_device": "cuda" if resources.solve_device == "gpu" else "cpu",
+        "inverse_on_cpu": resources.inverse_on_cpu,
+        **kwargs,
+    }
     runners = [
         actor.options(
             num_cpus=resources.cpus_per_worker,

@@ -314,11 +314,29 @@ class Resources(Strict):
     )
     max_retries: int = Field(3, ge=0, description="times one block is redone after losing workers")
     ray_address: str | None = None
+    solve_device: Literal["cpu", "gpu"] = Field(
+        "cpu",
+        description="where the GPTQ, QuIP and RTN solves run (calibration runs on the CPU; AQLM and VPTQ "
+        "fits use the worker's GPU whenever it has one)",
+    )
+    inverse_on_cpu: bool = Field(
+        False,
+        description="with solve_device gpu: factorize each Hessian on the CPU, keeping only its inverse "
+        "factor on the GPU (a quarter of the factorization's memory there)",
+    )
     spill: str | None = Field(
         None,
         description="a folder URI (local disk or object storage) where workers keep their chunks' hidden states "
         "between blocks instead of memory: one chunk in memory at a time",
     )
+
+    @model_validator(mode="after")
+    def _gpu_solves_need_gpus(self) -> Resources:
+        if self.solve_device == "gpu" and not self.gpus_per_worker:
+            raise ValueError("solve_device gpu needs gpus_per_worker > 0")
+        if self.inverse_on_cpu and self.solve_device != "gpu":
+            raise ValueError("inverse_on_cpu applies to solve_device gpu (the CPU solves factorize on the CPU)")
+        return self
 
     def bundle(self) -> dict[str, float]:
         """One worker's resource request, as a placement group bundle."""

@@ -8,12 +8,13 @@ driver can sum them in chunk order). The driver decides what runs where.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import resource
 import socket
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -64,7 +65,16 @@ def model_config(raw: dict) -> PretrainedConfig:
 
 
 def to_arrays(qw: Weight) -> Arrays:
-    return {k: v.numpy() for k, v in qw.tensors().items()}
+    return {k: v.cpu().numpy() for k, v in qw.tensors().items()}
+
+
+def moved(value: object, device: str) -> object:
+    """A prepared solve (a dataclass of tensors and of such dataclasses) on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if dataclasses.is_dataclass(value):
+        return dataclasses.replace(value, **{f.name: moved(getattr(value, f.name), device) for f in fields(value)})
+    return value
 
 
 def from_arrays(arrays: Arrays, fmt: Format) -> Weight:
@@ -157,6 +167,32 @@ def weighted_error(W: torch.Tensor, What: torch.Tensor, H: torch.Tensor | None) 
     return np.array([float(((D @ H) * D).sum()), float(((Ws @ H) * Ws).sum())])
 
 
+def solve_rows(
+    W: torch.Tensor,
+    first: int,
+    last: int,
+    H: torch.Tensor | None,
+    algorithm: str,
+    scheme: Format,
+    options: object,
+    prepared: object,
+    *,
+    fallback: bool = False,
+) -> Arrays:
+    """Rows first..last-1 of W [out, in] quantized (`fallback`: by RTN, an expert too few
+    tokens reached), with their Hessian-weighted "error"."""
+    if fallback:
+        qw = QUANTIZERS["rtn"](W[first:last], None, scheme, options)
+        error = weighted_error(W[first:last], dequantize(qw), None)
+    elif algorithm == "quip":  # its rotation mixes all rows: the error is measured in the rotated space
+        qw, Wt, Ht = quip_rows(W, first, last, H, scheme, options, prepared)
+        error = weighted_error(Wt, rotated(qw), Ht)
+    else:
+        qw = QUANTIZERS[algorithm](W[first:last], H, scheme, options, prepared)
+        error = weighted_error(W[first:last], dequantize(qw), H)
+    return {**to_arrays(qw), "error": error}
+
+
 def relative_errors(solved: tuple[list[Piece], ...]) -> dict[str, float]:
     """Each linear's tr(D H D^T) / tr(W H W^T), over the rows measured in all its pieces."""
     sums: dict[str, np.ndarray] = {}
@@ -229,12 +265,18 @@ class BlockRunner:
         storage: dict[str, dict] | None = None,
         kernel: Requested | None = None,
         spill: str | None = None,
+        solve_device: str = "cpu",
+        inverse_on_cpu: bool = False,
     ):
         """kernel: run stored quantized linears through this low-bit kernel (eval); None:
         dequantize them once per block (quantization's propagation, the reference's numbers).
         spill: keep the chunks' hidden states in files under this URI (workers.spill), not
-        in memory."""
+        in memory. solve_device: where GPTQ / QuIP / RTN solves run ("cuda": this worker's
+        GPU), with inverse_on_cpu each Hessian's factorization on the CPU all the same."""
         torch.set_num_threads(threads)
+        if solve_device != "cpu" and not torch.cuda.is_available():
+            raise RuntimeError(f"resources.solve_device: {solve_device}, but {socket.gethostname()} has no GPU here")
+        self.solve_device, self.inverse_on_cpu = solve_device, inverse_on_cpu
         self.kernel = kernel
         if kernel is not None:
             choose(kernel, "cpu")  # a forced kernel that cannot run here fails before any work
@@ -463,24 +505,22 @@ class BlockRunner:
         if block != self.index:
             raise RuntimeError(f"asked to solve block {block}, but block {self.index} is loaded")
         out = []
+        device = self.solve_device
         prepared: dict[str, object] = {}  # one Hessian's prepared solve at a time (70B: GBs each)
         for linear, first, last in sorted(tasks, key=lambda t: (self.layout.group_of(t[0]), t)):
             group = self.layout.group_of(linear)
-            W = self.layer.get_submodule(linear).weight.detach()  # [out, in]
+            W = self.layer.get_submodule(linear).weight.detach().to(device)  # [out, in]
             H = None if hessians is None or group in rtn else scaled_hessian(hessians, group, tokens)
             if H is not None and algorithm in PREPARERS and group not in prepared:
-                prepared = {group: PREPARERS[algorithm](H, options)}
-            if H is None and hessians is not None:  # an under-calibrated expert
-                qw = QUANTIZERS["rtn"](W[first:last], None, scheme, options)
-                error = weighted_error(W[first:last], dequantize(qw), None)
-            elif algorithm == "quip":  # its rotation mixes all rows: the error is measured in the rotated space
-                qw, Wt, Ht = quip_rows(W, first, last, H, scheme, options, prepared.get(group))
-                error = weighted_error(Wt, rotated(qw), Ht)
-            else:
-                W = W[first:last]  # [rows, in]
-                qw = QUANTIZERS[algorithm](W, H, scheme, options, prepared.get(group))
-                error = weighted_error(W, dequantize(qw), H)
-            out.append((linear, first, {**to_arrays(qw), "error": error}))
+                prepared = {}  # the last group's freed before this one's is made
+                where = "cpu" if self.inverse_on_cpu else device
+                with torch.device(where):
+                    prepared = {group: moved(PREPARERS[algorithm](H.to(where), options), device)}
+            H = None if H is None else H.to(device)
+            fit = (algorithm, scheme, options, prepared.get(group))
+            with torch.device(device):  # what the solve allocates goes where its inputs are
+                arrays = solve_rows(W, first, last, H, *fit, fallback=H is None and hessians is not None)
+            out.append((linear, first, arrays))
             log.debug("block %d %s rows %d:%d quantized", self.index, linear, first, last)
         return out
 
