@@ -14,6 +14,7 @@ The checkpoint is written by a child process, so this process's peak RSS is the 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -147,6 +148,7 @@ def main() -> int:
         chunk_tokens=args.seqs * args.seq_len,
         solve_rows=args.solve_rows,
     )
+    worker = dataclasses.replace(run.worker, copy=())  # no artifact is written here
     took = sum(times.values())
     print(f"one Llama-3-70B block / {args.scale}: {shape.block_params() / 1e6:.1f}M parameters, "
           f"{total_tokens} calibration tokens in {args.chunks} chunks, GPTQ 4-bit g128, {len(tasks)} solve tasks; "
@@ -155,8 +157,8 @@ def main() -> int:
     print(f"  checkpoint written in {t_write:.1f} s (a child process); peak RSS before the block {gib(before)}")
     print("  measured  " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()) + f"; total {took:.1f} s")
     print(f"  predicted total {run.worker.seconds:.1f} s; ratio measured / predicted {took / run.worker.seconds:.2f}")
-    print(f"  peak RSS measured {gib(measured)}, predicted {gib(run.worker.peak)}; "
-          f"ratio {measured / run.worker.peak:.2f}")  # fmt: skip
+    print(f"  peak RSS measured {gib(measured)}, predicted {gib(worker.peak)}; "
+          f"ratio {measured / worker.peak:.2f}")  # fmt: skip
     return 0
 
 

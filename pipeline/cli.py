@@ -233,13 +233,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from pipeline import estimate as est
     from storage.checkpoint import read_json
 
-    tokens, seq_len, chunk, rows, spill = 128 * 2048, 2048, 8 * 2048, 8192, args.spill
+    tokens, seq_len, chunk, rows = 128 * 2048, 2048, 8 * 2048, 8192
+    placement = {"spill": args.spill, "solve_device": args.solve_device, "inverse_on_cpu": args.inverse_on_cpu}
     if args.recipe:
         from pipeline import recipe as recipes
 
         recipe = recipes.load(args.recipe)
-        where, rows = recipe.model, recipe.scheme.piece_rows
-        spill = spill or recipe.resources.spill is not None
+        where, rows, res = recipe.model, recipe.scheme.piece_rows, recipe.resources
+        placement = {
+            "spill": args.spill or res.spill is not None,
+            "solve_device": res.solve_device if args.solve_device == "cpu" else args.solve_device,
+            "inverse_on_cpu": args.inverse_on_cpu or res.inverse_on_cpu,
+        }
         cal = recipe.calibration
         if cal is not None:
             tokens, seq_len, chunk = cal.tokens, cal.seq_len, cal.chunk_size * cal.seq_len
@@ -259,11 +264,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise LaminaError(f"plan: --device {e}") from None
     if args.price is not None:
         profile = dataclasses.replace(profile, price=args.price)
-    sizes = {"tokens": tokens, "seq_len": seq_len, "chunk_tokens": chunk, "solve_rows": rows, "spill": spill}
-    if args.workers:
-        run = est.estimate(shape, profile, workers=args.workers, **sizes)
-    else:
-        run = est.fastest(shape, profile, most=args.max_workers, **sizes)
+    sizes = {"tokens": tokens, "seq_len": seq_len, "chunk_tokens": chunk, "solve_rows": rows, **placement}
+    try:
+        if args.workers:
+            run = est.estimate(shape, profile, workers=args.workers, **sizes)
+        else:
+            run = est.fastest(shape, profile, most=args.max_workers, **sizes)
+    except ValueError as e:
+        raise LaminaError(f"plan: {e}") from None
     print("\n".join(est.describe(run)))
     try:
         est.check_fits(run)
@@ -310,6 +318,8 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-workers", type=int, default=8, help="the most workers tried (default 8)")
     pl.add_argument("--price", type=float, help="price per device-hour (default: the profile's)")
     pl.add_argument("--spill", action="store_true", help="plan with chunks spilled to files (resources.spill)")
+    pl.add_argument("--solve-device", choices=["cpu", "gpu"], default="cpu", help="where the solves run")
+    pl.add_argument("--inverse-on-cpu", action="store_true", help="with --solve-device gpu: factorize on the CPU")
     pl.set_defaults(func=cmd_plan)
     b = sub.add_parser("bench", help="benchmarks against a baseline measured in the same run")
     bsub = b.add_subparsers(dest="what", required=True)

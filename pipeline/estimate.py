@@ -144,7 +144,11 @@ class Profile:
     """What a device does per second (achieved, not peak) and holds: `gemm` float32 matmul
     FLOP/s (TF32 tensor cores on GPUs), `factor` the float64 Cholesky's FLOP/s, `memory`
     bytes usable by one worker, `price` per device-hour (for the cost estimate), and
-    `baseline` the bytes a worker holds before any block (its runtime: torch, a CUDA context)."""
+    `baseline` the bytes a worker holds before any block (its runtime: torch, transformers).
+    `host_memory`: a GPU worker's share of its node's RAM (0: the device is the host, a CPU),
+    which holds the block, the chunks, calibration and (unless they run on the GPU) the solves;
+    `host_gemm`, `host_factor`, `host_column`: the rates of its share of the node's CPUs, where
+    calibration runs (and the solves, unless on the GPU)."""
 
     name: str
     gemm: float
@@ -152,7 +156,11 @@ class Profile:
     memory: int
     price: float = 0.0
     baseline: int = 0
+    host_memory: int = 0
     column: float = 4e-4  # seconds of GPTQ's per-column loop beyond its FLOPs (small tensor ops)
+    host_gemm: float = 0.0  # a GPU worker's CPU share: calibration runs there, and solves unless on the GPU
+    host_factor: float = 0.0
+    host_column: float = 4e-4
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -178,21 +186,17 @@ def runtime_rss() -> int:
     return 0
 
 
-def measure_profile(device: str = "cpu", size: int = 0, price: float = 0.0) -> Profile:
-    """This machine's achieved rates: the best of 3 float32 matmuls of size^3 and float64
-    Cholesky factorizations of size^2 (size 2048 on CPU, 8192 on a GPU by default); the
-    memory a worker may use (RAM, or the GPU's); the worker runtime's resident memory as
-    the baseline (runtime_rss, before the benchmarks)."""
-    import os
+def measure_rates(device: str, size: int) -> tuple[float, float, float]:
+    """(gemm, factor, column) achieved on `device`: the best of 3 float32 matmuls of size^3
+    and float64 Cholesky factorizations of size^2, and what GPTQ on 1024 x 1024 takes per
+    column beyond its FLOPs at those rates."""
     import time
 
     import torch
 
+    from algorithms.gptq import GPTQConfig, gptq
     from algorithms.types import UniformScheme
 
-    baseline = runtime_rss()
-
-    size = size or (8192 if device == "cuda" else 2048)
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(size, size, generator=gen, device=device)
     spd = (a.double() @ a.double().T) / size + torch.eye(size, dtype=torch.float64, device=device)
@@ -211,18 +215,41 @@ def measure_profile(device: str = "cpu", size: int = 0, price: float = 0.0) -> P
 
     gemm = 2.0 * size**3 / best(lambda: a @ a)
     factor = size**3 / 3 / best(lambda: torch.linalg.cholesky(spd))
-    from algorithms.gptq import GPTQConfig, gptq
-
     W, eye = torch.randn(1024, 1024, generator=gen, device=device), torch.eye(1024, device=device)
-    with torch.device(device):  # GPTQ on 1024 x 1024: what its FLOPs at the GEMM rate do not explain, per column
+    with torch.device(device):
         whole = best(lambda: gptq(W, eye, UniformScheme(bits=4, group_size=128), GPTQConfig()))
-    column = max(0.0, whole - 2.0 * 1024**3 / gemm - 1024**3 / 3 / factor) / 1024
-    if device == "cuda":
-        name, memory = torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).total_memory
-    else:
+    return gemm, factor, max(0.0, whole - 2.0 * 1024**3 / gemm - 1024**3 / 3 / factor) / 1024
+
+
+def measure_profile(device: str = "cpu", size: int = 0, price: float = 0.0) -> Profile:
+    """This machine's achieved rates (measure_rates; size 2048 on CPU, 8192 on a GPU by
+    default, and on a GPU machine its CPU's too: calibration runs there); the memory a
+    worker may use (RAM, or the GPU's and its share of RAM); the worker runtime's resident
+    memory as the baseline (runtime_rss, before the benchmarks)."""
+    import os
+
+    import torch
+
+    baseline = runtime_rss()
+    gemm, factor, column = measure_rates(device, size or (8192 if device == "cuda" else 2048))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if device != "cuda":
         name = f"CPU ({torch.get_num_threads()} threads)"
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Profile(name, gemm=gemm, factor=factor, memory=memory, price=price, baseline=baseline, column=column)
+        return Profile(name, gemm, factor, ram, price, baseline=baseline, column=column)
+    host_gemm, host_factor, host_column = measure_rates("cpu", 2048)
+    return Profile(
+        torch.cuda.get_device_name(),
+        gemm,
+        factor,
+        torch.cuda.get_device_properties(0).total_memory,
+        price,
+        baseline=baseline,
+        host_memory=ram // torch.cuda.device_count(),  # one worker per GPU
+        column=column,
+        host_gemm=host_gemm,
+        host_factor=host_factor,
+        host_column=host_column,
+    )
 
 
 def load_profile(name_or_path: str) -> Profile:
@@ -246,21 +273,26 @@ def locate(uri: str) -> tuple[Location, str]:
 
 
 GIB = 2**30
-PROFILES = {  # achieved rates: about 60% of the published dense TF32 / FP64 numbers
-    "h100": Profile("H100 80GB", gemm=0.6 * 495e12, factor=0.6 * 67e12, memory=80 * GIB, price=3.0, column=5e-5),
-    "h200": Profile("H200 141GB", gemm=0.6 * 495e12, factor=0.6 * 67e12, memory=141 * GIB, price=4.0, column=5e-5),
-    "a100": Profile("A100 80GB", gemm=0.6 * 156e12, factor=0.6 * 19.5e12, memory=80 * GIB, price=2.0, column=6e-5),
-    "a100-40gb": Profile("A100 40GB", gemm=0.6 * 156e12, factor=0.6 * 19.5e12, memory=40 * GIB, price=1.5, column=6e-5),
-    "cpu": Profile("CPU (2 cores)", gemm=50e9, factor=10e9, memory=24 * GIB, price=0.1, baseline=400 * 2**20),
+CPU_SHARE = {"host_gemm": 0.6e12, "host_factor": 0.15e12}  # 1/8 of a 2 x 48-core node's AVX-512 rates (fp32, fp64)
+H100 = {"gemm": 0.6 * 495e12, "factor": 0.6 * 67e12, **CPU_SHARE}
+A100 = {"gemm": 0.6 * 156e12, "factor": 0.6 * 19.5e12, **CPU_SHARE}
+PROFILES = {  # achieved rates: about 60% of the published dense TF32 / FP64 numbers; host RAM: 1/8 of an 8-GPU node's
+    "h100": Profile("H100 80GB", **H100, memory=80 * GIB, price=3.0, host_memory=256 * GIB, column=5e-5),
+    "h200": Profile("H200 141GB", **H100, memory=141 * GIB, price=4.0, host_memory=256 * GIB, column=5e-5),
+    "a100": Profile("A100 80GB", **A100, memory=80 * GIB, price=2.0, host_memory=144 * GIB, column=6e-5),
+    "a100-40gb": Profile("A100 40GB", **A100, memory=40 * GIB, price=1.5, host_memory=144 * GIB, column=6e-5),
+    "cpu": Profile("CPU (2 cores)", gemm=50e9, factor=10e9, memory=24 * GIB, price=0.1, baseline=500 * 2**20),
 }
 
 
 @dataclass(frozen=True)
 class Tensor:
-    """One held tensor (or set of them) of the memory model: what it is, and its bytes."""
+    """One held tensor (or set of them) of the memory model: what it is, its bytes, and
+    where: "host" (RAM) or "device" (a GPU's memory)."""
 
     what: str
     nbytes: int
+    where: str = "host"
 
 
 @dataclass(frozen=True)
@@ -280,13 +312,22 @@ class WorkerEstimate:
     def phases(self) -> dict[str, tuple[Tensor, ...]]:
         return {"embedding": self.embedding, "calibration": self.calibration, "solve": self.solve, "copy": self.copy}
 
+    def peak_of(self, where: str) -> int:
+        """The bytes held at once in RAM ("host") or on the GPU ("device"), at the worst phase."""
+
+        def held(part: tuple[Tensor, ...]) -> int:
+            return sum(t.nbytes for t in part if t.where == where)
+
+        return held(self.resident) + max(held(part) for part in self.phases().values())
+
     @property
     def peak(self) -> int:
-        base = sum(t.nbytes for t in self.resident)
-        return base + max(sum(t.nbytes for t in part) for part in self.phases().values())
+        """Host and device together (a CPU worker's whole peak)."""
+        return self.peak_of("host") + self.peak_of("device")
 
-    def largest(self) -> Tensor:
-        return max((*self.resident, *(t for part in self.phases().values() for t in part)), key=lambda t: t.nbytes)
+    def largest(self, where: str) -> Tensor:
+        held = (*self.resident, *(t for part in self.phases().values() for t in part))
+        return max((t for t in held if t.where == where), key=lambda t: t.nbytes)
 
 
 @dataclass(frozen=True)
@@ -317,11 +358,20 @@ def estimate(
     chunk_tokens: int,
     solve_rows: int = 8192,
     spill: bool = False,
+    solve_device: str = "cpu",
+    inverse_on_cpu: bool = False,
 ) -> RunEstimate:
     """The run on `workers` devices of `profile`: each worker holds the block and 1/workers
     of the calibration tokens (with `spill`, one chunk's in memory, its input and output,
-    and the rest in files); a block's row pieces are spread over the workers by cost."""
+    and the rest in files); a block's row pieces are spread over the workers by cost. The
+    solves run where resources.solve_device says (on "gpu", the Hessian's factorization on
+    the CPU with `inverse_on_cpu`); everything else in host memory."""
     from pipeline.balance import balance
+
+    if solve_device == "gpu" and not profile.host_memory:
+        raise ValueError(f"solve_device gpu: the {profile.name} profile is not a GPU's")
+    gpu = "device" if solve_device == "gpu" else "host"
+    factor_at = "host" if inverse_on_cpu else gpu
 
     h = shape.hidden
     chunks = -(-tokens // chunk_tokens)
@@ -354,9 +404,18 @@ def estimate(
     solve = (
         Tensor("the block's Hessians, reduced", hessians),
         Tensor(f"{lin.name} Hessian / tokens", n * n * F32),
-        Tensor(f"{lin.name} prepare: one float32 copy (permuted)", n * n * F32),
-        Tensor(f"{lin.name} Cholesky: float64 damped copy and factor", n * n * 16),
-        Tensor(f"{lin.name} rows {first}:{last} (float32, permuted) and codes", (last - first) * n * (2 * F32 + 1)),
+        *((Tensor(f"{lin.name} Hessian / tokens on the GPU", n * n * F32, gpu),) if gpu == "device" else ()),
+        Tensor(f"{lin.name} prepare: one float32 copy (permuted)", n * n * F32, factor_at),
+        Tensor(f"{lin.name} Cholesky: float64 damped copy and factor", n * n * 16, factor_at),
+        *((Tensor(f"{lin.name} inverse factor moved to the GPU", n * n * F32, gpu),) if inverse_on_cpu else ()),
+        *(
+            (Tensor(f"{lin.name} weight (float32) on the GPU", lin.out_features * n * F32, gpu),)
+            if gpu == "device"
+            else ()
+        ),
+        Tensor(
+            f"{lin.name} rows {first}:{last} (float32, permuted) and codes", (last - first) * n * (2 * F32 + 1), gpu
+        ),
     )
     flops = [solve_flops(b - a, t.in_features) for t, a, b in tasks]  # (sweep, factorization) of each task
     shares = balance([int(sum(f) // 1e6) for f in flops], workers)
@@ -367,7 +426,12 @@ def estimate(
     gram = sum(2.0 * own_tokens * n * n for n in groups.values())
     # calibration's forward, then the same forward again through the quantized block (propagation)
     columns = sum(tasks[i][0].in_features for i in busiest)  # the solves' per-column loop
-    seconds = (2 * forward + gram + sweep) / profile.gemm + factor / profile.factor + columns * profile.column
+    p = profile
+    cpu_gemm, cpu_factor = p.host_gemm or p.gemm, p.host_factor or p.factor  # where calibration runs
+    on_gpu = solve_device == "gpu"
+    solve_gemm, column = (p.gemm, p.column) if on_gpu else (cpu_gemm, p.host_column if p.host_gemm else p.column)
+    factor_rate = p.factor if on_gpu and not inverse_on_cpu else cpu_factor
+    seconds = (2 * forward + gram) / cpu_gemm + sweep / solve_gemm + factor / factor_rate + columns * column
     stored = shape.dtype_bytes
     table = shape.vocab * h * (stored + F32 * (stored != F32))  # .float() copies unless it is float32 already
     embedding = (Tensor("embedding table as stored and in float32", table),)
@@ -384,24 +448,34 @@ def fastest(shape: ModelShape, profile: Profile, *, most: int, **kwargs: int) ->
 
 
 def check_fits(run: RunEstimate) -> None:
-    """Refuse a plan whose worker peak exceeds the device, naming the tensor and the options."""
-    w = run.worker
-    if w.peak <= run.profile.memory:
-        return
-    big = w.largest()
-    if big in w.calibration or "chunks" in big.what:
-        options = (
-            "more workers (fewer chunks each), smaller calibration chunks, chunks spilled to files "
-            "(resources.spill), or a device with more memory"
+    """Refuse a plan whose worker peak exceeds the GPU's memory or its share of RAM (a CPU
+    worker's: its memory), naming the largest tensor there and the options."""
+    w, p = run.worker, run.profile
+    places = (("device", p.memory, f"the {p.name}'s"), ("host", p.host_memory, "its share of the node's RAM"))
+    if not p.host_memory:
+        places = (("host", p.memory, f"the {p.name}'s"),)
+    for where, limit, of in places:
+        peak = w.peak_of(where)
+        if peak <= limit:
+            continue
+        big = w.largest(where)
+        if big in w.calibration or "chunks" in big.what:
+            options = (
+                "more workers (fewer chunks each), smaller calibration chunks, chunks spilled to files "
+                "(resources.spill), or a device with more memory"
+            )
+        elif big in w.embedding or big in w.copy:
+            options = "a device with more memory for worker 0 (the embeddings and head are copied whole)"
+        elif where == "device":
+            options = "the Hessian's factorization on the CPU (resources.inverse_on_cpu), or a GPU with more memory"
+        elif p.host_memory:
+            options = "the solves on the GPU (resources.solve_device: gpu), or nodes with more RAM per GPU"
+        else:
+            options = "a machine with more memory"
+        raise ValueError(
+            f"a worker needs {peak / GIB:.1f} GiB at its peak, more than {of} {limit / GIB:.0f} GiB; "
+            f"the largest part is {big.what} ({big.nbytes / GIB:.1f} GiB): {options}"
         )
-    elif big in w.embedding or big in w.copy:
-        options = "a device with more memory for worker 0 (the embeddings and head are copied whole)"
-    else:
-        options = "a device with more memory (the Hessian inverse on CPU and split factorizations are not built yet)"
-    raise ValueError(
-        f"a worker needs {w.peak / GIB:.1f} GiB at its peak, more than the {run.profile.name}'s "
-        f"{run.profile.memory / GIB:.0f} GiB; the largest part is {big.what} ({big.nbytes / GIB:.1f} GiB): {options}"
-    )
 
 
 def gib(n: float) -> str:
@@ -416,9 +490,12 @@ def describe(run: RunEstimate) -> list[str]:
         f"on {run.workers} x {run.profile.name}: per block and worker",
     ]
     for title, part in (("held", w.resident), *w.phases().items()):
-        lines += [f"  {title:<12}{t.what:<64}{gib(t.nbytes):>12}" for t in part]
+        lines += [f"  {title:<12}{t.what:<64}{gib(t.nbytes):>12}{'  (GPU)' * (t.where == 'device')}" for t in part]
+    peaks = [f"  peak        {gib(w.peak_of('host')):>76}{'  (RAM)' * bool(run.profile.host_memory)}"]
+    if w.peak_of("device"):
+        peaks.append(f"  peak        {gib(w.peak_of('device')):>76}  (GPU)")
     lines += [
-        f"  peak        {gib(w.peak):>76}",
+        *peaks,
         f"  FLOPs: calibration {w.calibration_flops:.3g}, solve sweep {w.solve_flops:.3g}, "
         f"factorizations {w.factor_flops:.3g}",
         f"time {run.seconds / 3600:.2f} h ({run.seconds / s.layers:.1f} s a block), "

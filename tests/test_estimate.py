@@ -50,24 +50,38 @@ def test_parameter_counts_of_real_families_are_exact(name: str) -> None:
     assert shape(name).params() == by_hand(config) == PUBLISHED[name]
 
 
-def test_405b_down_proj_hessian_and_the_refusal_that_names_it() -> None:
+def test_405b_down_proj_hessian_where_it_is_held_and_the_refusals_that_name_it() -> None:
     """The solve of a 405B down_proj as algorithms/gptq.py holds it (24 bytes per Hessian
-    entry at its peak, with the reduced Hessians and the block) does not fit an 80 GB
-    device but fits a 141 GB one; a 70B block fits 80 GB."""
+    entry at its peak). On the CPU (the default) it is in the worker's share of the node's
+    RAM; on the GPU it does not fit an A100 40GB unless the factorization runs on the CPU
+    (inverse_on_cpu), and it fits an H100 80GB."""
     s = shape("llama-3.1-405b")
     assert s.groups()["mlp.down_proj"] == 53248
-    run = estimate(s, PROFILES["h100"], workers=8, tokens=128 * 2048, seq_len=2048, chunk_tokens=2048)
-    solve = {t.what: t.nbytes for t in run.worker.solve}
-    assert solve["mlp.down_proj Hessian / tokens"] == 53248**2 * 4  # 11.3 GB
-    assert solve["mlp.down_proj Cholesky: float64 damped copy and factor"] == 53248**2 * 16
-    check_fits(estimate(s, PROFILES["h200"], workers=8, tokens=128 * 2048, seq_len=2048, chunk_tokens=2048))
-    with pytest.raises(ValueError, match=r"more than the H100 80GB's 80 GiB; the largest part is mlp\.down_proj Chol"):
-        check_fits(run)
-    check_fits(estimate(shape("llama-3-70b"), PROFILES["h100"], workers=8, tokens=128 * 2048, seq_len=2048,
-                        chunk_tokens=2048))  # fmt: skip
+    sizes = {"workers": 8, "tokens": 128 * 2048, "seq_len": 2048, "chunk_tokens": 2048}
+    a100 = PROFILES["a100-40gb"]
+    run = estimate(s, a100, **sizes)
+    solve = {t.what: t for t in run.worker.solve}
+    assert solve["mlp.down_proj Hessian / tokens"].nbytes == 53248**2 * 4  # 11.3 GB
+    assert solve["mlp.down_proj Cholesky: float64 damped copy and factor"].nbytes == 53248**2 * 16
+    assert {t.where for t in run.worker.solve} == {"host"} and run.worker.peak_of("device") == 0
+    check_fits(run)
+    gpu = estimate(s, a100, **sizes, solve_device="gpu")
+    assert {t.what for t in gpu.worker.solve if t.where == "device"} >= {
+        "mlp.down_proj Cholesky: float64 damped copy and factor",
+        "mlp.down_proj Hessian / tokens on the GPU",
+    }
+    with pytest.raises(ValueError, match=r"more than the A100 40GB's 40 GiB; the largest part is mlp\.down_proj Chol"):
+        check_fits(gpu)
+    split = estimate(s, a100, **sizes, solve_device="gpu", inverse_on_cpu=True)
+    assert split.worker.peak_of("device") < 0.45 * gpu.worker.peak_of("device")
+    check_fits(split)
+    check_fits(estimate(s, PROFILES["h100"], **sizes, solve_device="gpu"))
+    assert gpu.seconds < run.seconds < estimate(s, PROFILES["cpu"], **sizes).seconds
     wide = estimate(s, PROFILES["h200"], workers=1, tokens=1024 * 2048, seq_len=2048, chunk_tokens=64 * 2048)
-    with pytest.raises(ValueError, match=r"the largest part is .*: more workers \(fewer chunks each\)"):
+    with pytest.raises(ValueError, match=r"its share of the node's RAM .* the largest part is .*: more workers"):
         check_fits(wide)
+    with pytest.raises(ValueError, match=r"solve_device gpu: the CPU .* profile is not a GPU's"):
+        estimate(s, PROFILES["cpu"], **sizes, solve_device="gpu")
 
 
 def test_mixtral_experts_are_linears_with_their_own_hessians() -> None:
@@ -93,8 +107,11 @@ def test_lamina_plan_prints_the_estimate_and_refuses_what_cannot_fit(capsys) -> 
     assert main(["plan", "--config", str(CONFIGS / "llama-3-70b.json"), "--workers", "8"]) == 0
     out = capsys.readouterr().out
     assert "70.55B parameters" in out and "mlp.down_proj Cholesky: float64 damped copy and factor" in out
-    code = main(["plan", "--config", str(CONFIGS / "llama-3.1-405b.json"), "--device", "a100-40gb", "--workers", "8"])
-    assert code == 2 and "the largest part is mlp.down_proj Cholesky" in capsys.readouterr().err
+    args = ["plan", "--config", str(CONFIGS / "llama-3.1-405b.json"), "--device", "a100-40gb", "--workers", "8"]
+    assert main([*args, "--solve-device", "gpu"]) == 2
+    assert "the largest part is mlp.down_proj Cholesky" in capsys.readouterr().err
+    assert main([*args, "--solve-device", "gpu", "--inverse-on-cpu"]) == 0
+    assert "mlp.down_proj inverse factor moved to the GPU" in capsys.readouterr().out
     assert main(["plan"]) == 2 and "give a recipe or --config" in capsys.readouterr().err
 
 
