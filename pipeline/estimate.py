@@ -130,6 +130,13 @@ class ModelShape:
         """Outside the blocks: embeddings, (untied) LM head and the final norm."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
 
+    def active_params(self) -> int:
+        """The block's parameters one token runs through: a MoE's top-k experts of all of them."""
+        if not self.experts:
+            return self.block_params()
+        per_expert = 3 * self.hidden * self.intermediate
+        return self.block_params() - (self.experts - self.experts_per_token) * per_expert
+
     def params(self) -> int:
         """The whole model: blocks, embeddings, final norm and (untied) LM head."""
         return self.layers * self.block_params() + self.outside_params()
@@ -422,7 +429,7 @@ def estimate(
     busiest = max(shares, key=lambda s: sum(sum(flops[i]) for i in s))
     sweep = sum(flops[i][0] for i in busiest)
     factor = sum(flops[i][1] for i in busiest)
-    forward = 2.0 * own_tokens * block + 4.0 * own_tokens * seq_len * h  # matmuls + attention
+    forward = 2.0 * own_tokens * shape.active_params() + 4.0 * own_tokens * seq_len * h  # matmuls + attention
     gram = sum(2.0 * own_tokens * n * n for n in groups.values())
     # calibration's forward, then the same forward again through the quantized block (propagation)
     columns = sum(tasks[i][0].in_features for i in busiest)  # the solves' per-column loop
@@ -489,11 +496,13 @@ def describe(run: RunEstimate) -> list[str]:
         f"{s.model_type}: {s.params() / 1e9:.2f}B parameters, {s.layers} blocks of {s.block_params() / 1e6:.1f}M",
         f"on {run.workers} x {run.profile.name}: per block and worker",
     ]
-    for title, part in (("held", w.resident), *w.phases().items()):
-        lines += [f"  {title:<12}{t.what:<64}{gib(t.nbytes):>12}{'  (GPU)' * (t.where == 'device')}" for t in part]
-    peaks = [f"  peak        {gib(w.peak_of('host')):>76}{'  (RAM)' * bool(run.profile.host_memory)}"]
+    parts = (("held", w.resident), *w.phases().items())
+    width = max(64, *(len(t.what) + 1 for _, part in parts for t in part))
+    for title, part in parts:
+        lines += [f"  {title:<12}{t.what:<{width}}{gib(t.nbytes):>12}{'  (GPU)' * (t.where == 'device')}" for t in part]
+    peaks = [f"  peak        {gib(w.peak_of('host')):>{width + 12}}{'  (RAM)' * bool(run.profile.host_memory)}"]
     if w.peak_of("device"):
-        peaks.append(f"  peak        {gib(w.peak_of('device')):>76}  (GPU)")
+        peaks.append(f"  peak        {gib(w.peak_of('device')):>{width + 12}}  (GPU)")
     lines += [
         *peaks,
         f"  FLOPs: calibration {w.calibration_flops:.3g}, solve sweep {w.solve_flops:.3g}, "

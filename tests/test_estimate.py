@@ -90,6 +90,8 @@ def test_mixtral_experts_are_linears_with_their_own_hessians() -> None:
     assert len(names) == 4 + 8 * 3 and "block_sparse_moe.experts.7.w2" in names
     groups = s.groups()
     assert len(groups) == 2 + 8 * 2 and groups["block_sparse_moe.experts.3.w2"] == 14336
+    active = s.layers * s.active_params() + s.outside_params()  # 2 of 8 experts per token: the card's 12.9B active
+    assert round(active / 1e9, 1) == 12.9 and s.active_params() < s.block_params() / 3
 
 
 def test_more_workers_finish_sooner_until_the_block_cannot_be_split_and_cost_follows() -> None:
