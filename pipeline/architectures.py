@@ -49,14 +49,43 @@ def mixtral(experts: int) -> BlockLayout:
     )
 
 
+def qwen2_moe(experts: int) -> BlockLayout:
+    """Qwen2-MoE's block (DeepSeekMoE's shape): Qwen2's attention, then a shared expert that
+    reads every token (its gate/up sharing the MoE input's Hessian) and `experts` routed
+    ones; the router and the shared expert's sigmoid gate stay in full precision."""
+    shared = "mlp.shared_expert."
+    routed = []
+    for e in range(experts):
+        p = f"mlp.experts.{e}."
+        routed += [(p + "gate_proj", p + "up_proj"), (p + "down_proj",)]
+    return BlockLayout(
+        modeling_module="transformers.models.qwen2_moe.modeling_qwen2_moe",
+        layer_class="Qwen2MoeDecoderLayer",
+        rotary_class="Qwen2MoeRotaryEmbedding",
+        norm_class="Qwen2MoeRMSNorm",
+        groups=(*LLAMA_GROUPS[:2], (shared + "gate_proj", shared + "up_proj"), (shared + "down_proj",), *routed),
+        moe="mlp",
+    )
+
+
+def count(config: dict, key: str) -> int:
+    value = config.get(key)
+    if not isinstance(value, int) or value < 1:
+        raise LaminaError(f"{config.get('model_type')} config: {key} must be a positive integer, not {value!r}")
+    return value
+
+
 def layout_for(config: dict) -> BlockLayout:
     model_type = config.get("model_type")
+    if model_type == "qwen2_moe":
+        if config.get("decoder_sparse_step", 1) != 1 or config.get("mlp_only_layers"):
+            raise LaminaError(
+                "qwen2_moe config: blocks with dense MLPs (decoder_sparse_step, mlp_only_layers) are not supported"
+            )
+        return qwen2_moe(count(config, "num_experts"))
     if model_type == "mixtral":
-        experts = config.get("num_local_experts")
-        if not isinstance(experts, int) or experts < 1:
-            raise LaminaError(f"mixtral config: num_local_experts must be a positive integer, not {experts!r}")
-        return mixtral(experts)
+        return mixtral(count(config, "num_local_experts"))
     if model_type not in ARCHITECTURES:
-        supported = ", ".join(sorted([*ARCHITECTURES, "mixtral"]))
+        supported = ", ".join(sorted([*ARCHITECTURES, "mixtral", "qwen2_moe"]))
         raise LaminaError(f"unsupported architecture {model_type!r} (supported: {supported})")
     return ARCHITECTURES[model_type]

@@ -67,29 +67,34 @@ class ModelShape:
     vocab: int
     tied: bool
     qkv_bias: bool = False
-    experts: int = 0  # 0: a dense MLP
+    experts: int = 0  # 0: a dense MLP; else `intermediate` is each expert's
     experts_per_token: int = 0
+    shared_intermediate: int = 0  # a shared expert every token reaches (Qwen2-MoE, DeepSeekMoE); 0: none
     dtype_bytes: int = 2
 
     @classmethod
     def from_config(cls, config: dict) -> ModelShape:
         model_type = config.get("model_type")
-        if model_type not in ("llama", "mistral", "qwen2", "mixtral"):
-            raise ValueError(f"no shape model for architecture {model_type!r} (llama, mistral, qwen2, mixtral)")
+        known = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+        if model_type not in known:
+            raise ValueError(f"no shape model for architecture {model_type!r} ({', '.join(known)})")
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
+        qwen_moe = model_type == "qwen2_moe"
+        experts = {"mixtral": config.get("num_local_experts", 0), "qwen2_moe": config.get("num_experts", 0)}
         return cls(
             model_type=model_type,
             hidden=hidden,
-            intermediate=int(config["intermediate_size"]),
+            intermediate=int(config["moe_intermediate_size" if qwen_moe else "intermediate_size"]),
             layers=int(config["num_hidden_layers"]),
             heads=heads,
             kv_heads=int(config.get("num_key_value_heads") or heads),
             head_dim=int(config.get("head_dim") or hidden // heads),
             vocab=int(config["vocab_size"]),
             tied=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=model_type == "qwen2",
-            experts=int(config.get("num_local_experts", 0)) if model_type == "mixtral" else 0,
+            qkv_bias=model_type in ("qwen2", "qwen2_moe"),
+            experts=int(experts.get(model_type, 0)),
             experts_per_token=int(config.get("num_experts_per_tok", 0)),
+            shared_intermediate=int(config.get("shared_expert_intermediate_size", 0)) if qwen_moe else 0,
             dtype_bytes=DTYPE_BYTES.get(str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"), 2),
         )
 
@@ -111,19 +116,24 @@ class ModelShape:
                 LinearShape("mlp.up_proj", i, h, "mlp.gate_proj"),
                 LinearShape("mlp.down_proj", h, i, "mlp.down_proj"),
             )
+
+        def mlp(prefix: str, names: tuple[str, str, str], i: int) -> list[LinearShape]:
+            gate, up, down = (prefix + n for n in names)
+            return [LinearShape(gate, i, h, gate), LinearShape(up, i, h, gate), LinearShape(down, h, i, down)]
+
         moe = []
+        if self.shared_intermediate:  # reads every token: the MoE input's Hessian
+            moe += mlp("mlp.shared_expert.", ("gate_proj", "up_proj", "down_proj"), self.shared_intermediate)
         for e in range(self.experts):  # each expert reads its own tokens: its own Hessians
-            p = f"block_sparse_moe.experts.{e}."
-            moe += [
-                LinearShape(p + "w1", self.intermediate, h, p + "w1"),
-                LinearShape(p + "w3", self.intermediate, h, p + "w1"),
-                LinearShape(p + "w2", h, self.intermediate, p + "w2"),
-            ]
+            if self.model_type == "mixtral":
+                moe += mlp(f"block_sparse_moe.experts.{e}.", ("w1", "w3", "w2"), self.intermediate)
+            else:
+                moe += mlp(f"mlp.experts.{e}.", ("gate_proj", "up_proj", "down_proj"), self.intermediate)
         return (*attn, *moe)
 
     def block_params(self) -> int:
-        """Linears, their biases, the two norms and (MoE) the router."""
-        router = self.experts * self.hidden
+        """Linears, their biases, the two norms and (MoE) the router and a shared expert's gate."""
+        router = self.experts * self.hidden + (self.hidden if self.shared_intermediate else 0)
         return sum(lin.params for lin in self.linears()) + 2 * self.hidden + router
 
     def outside_params(self) -> int:
@@ -394,7 +404,7 @@ def estimate(
         if spill
         else Tensor("hidden states of the worker's chunks (float32)", own_tokens * h * F32),
     )
-    inter = shape.intermediate * (shape.experts_per_token if shape.experts else 1)
+    inter = shape.intermediate * (shape.experts_per_token if shape.experts else 1) + shape.shared_intermediate
     scores = shape.heads * seq_len * seq_len * F32
     calibration = (
         Tensor("one chunk's forward temporaries", chunk_tokens * (3 * inter + 4 * h) * F32 + scores),

@@ -84,6 +84,22 @@ def test_405b_down_proj_hessian_where_it_is_held_and_the_refusals_that_name_it()
         estimate(s, PROFILES["cpu"], **sizes, solve_device="gpu")
 
 
+def test_qwen_moe_with_a_shared_expert_counts_as_its_card_says() -> None:
+    """Qwen1.5-MoE-A2.7B (DeepSeekMoE's shape: 60 fine-grained experts, top-4, plus a shared
+    expert): the card's 14.3B parameters and 2.7B activated, and by hand per block: q/k/v/o
+    with q/k/v biases, the shared expert (3 x 2048 x 5632) and its gate (2048), 60 experts
+    (3 x 2048 x 1408 each), the router (60 x 2048), two norms."""
+    s = shape("qwen1.5-moe-a2.7b")
+    h = 2048
+    block = 4 * h * h + 3 * h + 3 * h * 5632 + h + 60 * 3 * h * 1408 + 60 * h + 2 * h
+    assert s.block_params() == block
+    assert s.params() == 24 * block + 2 * 151936 * h + h == 14_315_784_192
+    assert round((s.layers * s.active_params() + s.outside_params()) / 1e9, 1) == 2.7
+    groups = s.groups()
+    assert groups["mlp.shared_expert.gate_proj"] == h and groups["mlp.experts.59.down_proj"] == 1408
+    assert len(groups) == 2 + 2 + 60 * 2
+
+
 def test_mixtral_experts_are_linears_with_their_own_hessians() -> None:
     s = shape("mixtral-8x7b")
     names = [lin.name for lin in s.linears()]

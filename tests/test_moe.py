@@ -1,6 +1,6 @@
-"""Mixture-of-experts models end to end: a tiny Mixtral (random weights, transformers' own
-MixtralForCausalLM, saved per expert as transformers saves it; scripts/tiny_moe.py) whose
-expert 3 the router seldom picks. Each expert's Hessian comes from its routed tokens; the
+"""Mixture-of-experts models end to end: a tiny Mixtral and a tiny Qwen2-MoE (random
+weights, transformers' own classes, saved per expert as transformers saves them;
+scripts/tiny_moe.py) whose expert 3 the router seldom picks. Each expert's Hessian comes from its routed tokens; the
 recipe's policy handles an expert that got too few, and the report names it."""
 
 from __future__ import annotations
@@ -32,13 +32,18 @@ def moe_model(tmp_path_factory):
     return tiny_moe(MODEL, tmp_path_factory.mktemp("tiny-moe"))
 
 
-def moe_recipe(tmp, model, policy: str, workers: int) -> dict:
+@pytest.fixture(scope="module")
+def qwen_moe(tmp_path_factory):
+    return tiny_moe(MODEL, tmp_path_factory.mktemp("tiny-qwen-moe"), family="qwen2_moe")
+
+
+def moe_recipe(tmp, model, policy: str, workers: int, min_tokens: int = MIN_TOKENS) -> dict:
     doc = recipe_doc(
         tmp,
         model=str(model),
         calibration=CALIBRATION,
         resources={"workers": workers},
-        experts={"min_tokens": MIN_TOKENS, "under_calibrated": policy},
+        experts={"min_tokens": min_tokens, "under_calibrated": policy},
     )
     doc.pop("eval")
     return doc
@@ -62,14 +67,16 @@ def tensors(folder: str) -> dict[str, torch.Tensor]:
     return checkpoint.read(checkpoint.names())
 
 
-def test_sparse_moe_computes_what_transformers_mixtral_computes(moe_model) -> None:
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_sparse_moe_computes_what_transformers_computes(family, moe_model, qwen_moe) -> None:
     """The runner's block (per-expert linears under the checkpoint's names) against the
     same block loaded by transformers (fused experts): same routing, same outputs."""
-    from transformers import MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hf = MixtralForCausalLM.from_pretrained(moe_model, dtype=torch.float32).eval()
-    config = json.loads((moe_model / "config.json").read_text())
-    runner = BlockRunner(model_uri=str(moe_model), layout=layout_for(config), threads=1)
+    model = moe_model if family == "mixtral" else qwen_moe
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    config = json.loads((model / "config.json").read_text())
+    runner = BlockRunner(model_uri=str(model), layout=layout_for(config), threads=1)
     runner.load_block(0)
     x = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -77,8 +84,12 @@ def test_sparse_moe_computes_what_transformers_mixtral_computes(moe_model) -> No
         _, _, chosen = hf.model.layers[0].mlp.gate(x.reshape(-1, 64))
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert runner.layer.mlp.routed.tolist() == torch.bincount(chosen.reshape(-1), minlength=8).tolist()
-    assert "block_sparse_moe.experts.7.w2.weight" in runner.layer.state_dict()
-    assert not any(k.startswith("mlp.") for k in runner.layer.state_dict())
+    names = runner.layer.state_dict()
+    if family == "mixtral":
+        assert "block_sparse_moe.experts.7.w2.weight" in names and not any(k.startswith("mlp.") for k in names)
+    else:
+        wanted = {"mlp.experts.7.down_proj.weight", "mlp.shared_expert.up_proj.weight", "mlp.shared_expert_gate.weight"}
+        assert wanted <= set(names)
 
 
 def test_every_expert_is_quantized_and_the_rare_one_reported(runs, moe_model) -> None:
@@ -136,6 +147,32 @@ def test_the_moe_artifact_runs_on_the_kernels_close_to_its_source(runs, moe_mode
     # a random model is near-uniform over 49152 tokens; 4-bit experts stay close to it
     assert context.perplexity == pytest.approx(context.reference["perplexity"], rel=0.05)
     assert 0 < context.kl < 0.05
+
+
+def test_qwen2_moe_with_a_shared_expert_quantizes_and_reports_its_rare_expert(ray_cluster, qwen_moe, tmp_path) -> None:
+    """DeepSeekMoE's shape: top-2 of 8 routed experts plus a shared expert every token
+    reaches. The shared expert is calibrated on all tokens and quantized; the router and
+    the shared expert's gate stay as they are; the rare routed expert is rounded to nearest."""
+    from pipeline.driver import quantize
+
+    report = quantize(parse(moe_recipe(tmp_path, qwen_moe, "rtn", 1, min_tokens=128)), progress=False)
+    for block in (0, 1):
+        counts = report.expert_tokens[block]
+        assert sum(n for g, n in counts.items() if g.endswith(".gate_proj")) == 2 * 8 * 128  # top-2
+        assert "mlp.shared_expert.gate_proj" not in counts  # every token reaches it: not an expert group
+    assert [(u["block"], u["group"]) for u in report.under_calibrated] == [
+        (b, f"mlp.experts.{RARE}.{w}") for b in (0, 1) for w in ("down_proj", "gate_proj")
+    ]
+    stored, source = tensors(report.output), tensors(str(qwen_moe))
+    scheme = UniformScheme(bits=4, group_size=64, sym=True)
+    for block in (0, 1):
+        prefix = f"model.layers.{block}.mlp."
+        for kept in ("gate.weight", "shared_expert_gate.weight"):
+            assert torch.equal(stored[prefix + kept], source[prefix + kept])
+        for w in ("gate_proj", "up_proj", "down_proj"):
+            assert f"{prefix}shared_expert.{w}.qweight" in stored
+        rare = f"{prefix}experts.{RARE}.up_proj"
+        assert torch.equal(stored[f"{rare}.qweight"], rtn(source[f"{rare}.weight"].float(), scheme).qweight)
 
 
 def test_the_error_policy_stops_naming_the_expert_and_publishes_nothing(ray_cluster, moe_model, tmp_path) -> None:
