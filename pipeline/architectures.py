@@ -31,41 +31,37 @@ ARCHITECTURES: dict[str, BlockLayout] = {
 }
 
 
-def mixtral(experts: int) -> BlockLayout:
-    """Mixtral's block: Llama's attention, then a router (kept in full precision) over
-    `experts` gated MLPs, each expert's w1/w3 sharing the Hessian of the tokens routed to it."""
-    moe = "block_sparse_moe"
-    experts_groups = []
+def gated_mlp(prefix: str, names: tuple[str, str, str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A gated MLP's groups: (gate, up) read the MLP's input, down reads its own."""
+    gate, up, down = (prefix + n for n in names)
+    return (gate, up), (down,)
+
+
+def moe_like(module: str, prefix: str, moe: str, experts: int, names: tuple[str, ...], shared: bool) -> BlockLayout:
+    """Llama's attention, then (with `shared`) a shared expert that reads every token and
+    `experts` routed gated MLPs under `{moe}.experts.N.`, each expert's gate/up sharing the
+    Hessian of the tokens routed to it; the router and a shared expert's gate stay in full
+    precision."""
+    groups = gated_mlp(f"{moe}.shared_expert.", ("gate_proj", "up_proj", "down_proj")) if shared else ()
     for e in range(experts):
-        p = f"{moe}.experts.{e}."
-        experts_groups += [(p + "w1", p + "w3"), (p + "w2",)]
+        groups += gated_mlp(f"{moe}.experts.{e}.", names)
     return BlockLayout(
-        modeling_module="transformers.models.mixtral.modeling_mixtral",
-        layer_class="MixtralDecoderLayer",
-        rotary_class="MixtralRotaryEmbedding",
-        norm_class="MixtralRMSNorm",
-        groups=(*LLAMA_GROUPS[:2], *experts_groups),
+        modeling_module=f"transformers.models.{module}.modeling_{module}",
+        layer_class=f"{prefix}DecoderLayer",
+        rotary_class=f"{prefix}RotaryEmbedding",
+        norm_class=f"{prefix}RMSNorm",
+        groups=(*LLAMA_GROUPS[:2], *groups),
         moe=moe,
     )
 
 
+def mixtral(experts: int) -> BlockLayout:
+    return moe_like("mixtral", "Mixtral", "block_sparse_moe", experts, ("w1", "w3", "w2"), shared=False)
+
+
 def qwen2_moe(experts: int) -> BlockLayout:
-    """Qwen2-MoE's block (DeepSeekMoE's shape): Qwen2's attention, then a shared expert that
-    reads every token (its gate/up sharing the MoE input's Hessian) and `experts` routed
-    ones; the router and the shared expert's sigmoid gate stay in full precision."""
-    shared = "mlp.shared_expert."
-    routed = []
-    for e in range(experts):
-        p = f"mlp.experts.{e}."
-        routed += [(p + "gate_proj", p + "up_proj"), (p + "down_proj",)]
-    return BlockLayout(
-        modeling_module="transformers.models.qwen2_moe.modeling_qwen2_moe",
-        layer_class="Qwen2MoeDecoderLayer",
-        rotary_class="Qwen2MoeRotaryEmbedding",
-        norm_class="Qwen2MoeRMSNorm",
-        groups=(*LLAMA_GROUPS[:2], (shared + "gate_proj", shared + "up_proj"), (shared + "down_proj",), *routed),
-        moe="mlp",
-    )
+    """Qwen2-MoE's block, DeepSeekMoE's shape: fine-grained routed experts and a shared one."""
+    return moe_like("qwen2_moe", "Qwen2Moe", "mlp", experts, ("gate_proj", "up_proj", "down_proj"), shared=True)
 
 
 def count(config: dict, key: str) -> int:
