@@ -14,11 +14,12 @@ install: $(STAMP)
 # vptq (its loader reads the vptq export in the tests) goes in without its requirements:
 # gradio, plotly, datasets and pynvml serve its demo app; what `import vptq` needs
 # (sentence-transformers, accelerate, transformers) is in the test extras.
-$(STAMP): pyproject.toml Makefile
+# infra/docker/constraints.txt pins what the image installs, and the same versions here.
+$(STAMP): pyproject.toml Makefile infra/docker/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --constraint infra/docker/constraints.txt -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps vptq==0.0.5.post1
 	touch $(STAMP)
 

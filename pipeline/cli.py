@@ -1,5 +1,5 @@
-"""`lamina`: quantize, release, export, eval, plan, bench, verify, status and ls. Errors are one line on stderr and
-exit code 2; a release blocked by its gates exits 1."""
+"""`lamina`: quantize, release, submit, export, eval, plan, bench, verify, status and ls. Errors are one line on
+stderr and exit code 2; a release blocked by its gates exits 1."""
 
 from __future__ import annotations
 
@@ -148,6 +148,21 @@ def cmd_release(args: argparse.Namespace) -> int:
         return 1
     print(table([("version", report.output), *rows], "lamina release: published"))
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.submit import prepare, submit
+
+    sub = prepare(
+        args.recipe,
+        command=args.command_,
+        address=args.address,
+        working_dir=args.working_dir,
+        submission_id=args.submission_id,
+        workers=args.workers,
+        quiet=args.quiet,
+    )
+    return submit(sub, wait=not args.no_wait)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -310,6 +325,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("recipe")
     r.add_argument("--workers", type=int, help="override resources.workers")
     r.set_defaults(func=cmd_release)
+    sm = sub.add_parser("submit", help="run quantize or release as a Ray job on a cluster; follow its logs")
+    sm.add_argument("recipe", help="a recipe inside the working directory")
+    sm.add_argument("--address", help="the job server, http://HEAD:8265 (default: RAY_ADDRESS, or a local cluster)")
+    sm.add_argument("--command", dest="command_", choices=["quantize", "release"], default="quantize")
+    sm.add_argument("--working-dir", default=".", help="uploaded to the cluster (default: the current directory)")
+    sm.add_argument("--submission-id", help="the job's id (default: lamina-COMMAND-RANDOM)")
+    sm.add_argument("--workers", type=int, help="override resources.workers")
+    sm.add_argument("--no-wait", action="store_true", help="return once submitted; do not follow the logs")
+    sm.set_defaults(func=cmd_submit)
     pl = sub.add_parser("plan", help="memory, FLOPs, time and cost of a run per block and worker, from config.json")
     pl.add_argument("recipe", nargs="?", help="a recipe (its model's config.json and calibration sizes)")
     pl.add_argument("--config", help="a config.json, or the folder or URI holding it (instead of a recipe)")
