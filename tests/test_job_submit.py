@@ -91,7 +91,7 @@ def stop(proc: subprocess.Popen, log: Path) -> None:
     assert not alive, f"Ray processes outlived the head: {alive}\n{log.read_text()[-3000:]}"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_head() -> Iterator[Head]:
     """A Ray head with a job server, on free loopback ports (the defaults, 6379, 8265,
     10001, 52365, could belong to another cluster on this machine), in a fresh folder
@@ -183,7 +183,7 @@ def test_ray_job_submit_quantizes_with_the_working_dir(ray_head, small_model, tm
     # ahead of the editable install's finder.
     unpacked = ray_head.temp / "ray" / "session_latest" / "runtime_resources" / "working_dir_files"
     unpacked /= package.removeprefix("gcs://").removesuffix(".zip")
-    files = [p for p in unpacked.rglob("*") if p.is_file()]
+    files = unpacked_files(ray_head, package)
     names = {p.relative_to(unpacked).parts[0] for p in files}
     assert {"pipeline", "workers", "storage", "pyproject.toml"} <= names, names
     assert not names & {".venv", ".cache", ".git", "lamina.egg-info"}, names
@@ -193,3 +193,70 @@ def test_ray_job_submit_quantizes_with_the_working_dir(ray_head, small_model, tm
     assert verify(str(output)) == []
     shards = [n for n in read_manifest(str(output))["files"] if n.endswith(".safetensors")]
     assert len(shards) == SMALL_BLOCKS + 1, shards
+
+
+def unpacked_files(head: Head, package: str) -> list[Path]:
+    """The files of a job's working_dir package as the head unpacked them."""
+    unpacked = head.temp / "ray" / "session_latest" / "runtime_resources" / "working_dir_files"
+    unpacked /= package.removeprefix("gcs://").removesuffix(".zip")
+    return [p for p in unpacked.rglob("*") if p.is_file()]
+
+
+def test_lamina_submit_uploads_a_folder_runs_there_and_follows_the_job(ray_head, small_model, tmp_path) -> None:
+    """The cluster case of the image: lamina is installed on the head, and what is uploaded is a
+    folder holding the recipe. `lamina submit` prints the job, follows its logs to the end and
+    exits with the driver's code."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    folder = tmp_path / "release"
+    folder.mkdir()
+    output = tmp_path / "artifact"
+    doc = small_recipe_doc(tmp_path, small_model, output=str(output), resources={"workers": 1, "cpus_per_worker": 1})
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(doc))
+    submission = f"lamina-submit-{uuid.uuid4().hex[:8]}"
+    cmd = [str(BIN / "lamina"), "-q", "submit", "recipe.yaml", "--address", ray_head.dashboard,
+           "--submission-id", submission]  # fmt: skip
+    run = subprocess.run(cmd, env=ray_head.env, cwd=folder, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    said = run.stdout + run.stderr
+    assert run.returncode == 0, f"{said}\n--- head:\n{ray_head.log.read_text()[-3000:]}"
+    assert f"lamina submit: job {submission} on {ray_head.dashboard}: lamina -q quantize recipe.yaml" in said
+    assert "lamina quantize: done" in said  # the job's own output, followed
+    assert f"job {submission} succeeded (exit code 0)" in said
+    assert "the head and workers must see them" in said  # the recipe names paths of this machine
+
+    client = JobSubmissionClient(ray_head.dashboard, headers=ray_head.auth)
+    info = client.get_job_info(submission)
+    assert info.status == JobStatus.SUCCEEDED and info.entrypoint == "lamina -q quantize recipe.yaml"
+    files = unpacked_files(ray_head, info.runtime_env["working_dir"])
+    assert [p.name for p in files] == ["recipe.yaml"]
+    assert verify(str(output)) == []
+
+
+def test_lamina_submit_refuses_bad_input_before_uploading(small_model, tmp_path, capsys) -> None:
+    from pipeline.cli import main
+    from pipeline.submit import exit_code
+
+    closed = f"http://127.0.0.1:{free_ports(1)[0]}"  # nothing listens: reaching it would fail differently
+    folder = tmp_path / "work"
+    folder.mkdir()
+    good = small_recipe_doc(tmp_path, small_model, output=str(tmp_path / "out"))
+    (tmp_path / "outside.yaml").write_text(yaml.safe_dump(good))
+    (folder / "bad.yaml").write_text(yaml.safe_dump({**good, "scheme": {**good["scheme"], "bits": 5}}))
+    (folder / "good.yaml").write_text(yaml.safe_dump(good))
+
+    def refused(*argv: str) -> str:
+        capsys.readouterr()
+        assert main(["submit", *argv, "--working-dir", str(folder), "--address", closed]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("lamina: error: "), err
+        return err
+
+    assert "is outside the working directory" in refused(str(tmp_path / "outside.yaml"))
+    assert "scheme.bits" in refused(str(folder / "bad.yaml"))
+    assert f"no Ray job server at {closed}" in refused(str(folder / "good.yaml"))
+    capsys.readouterr()
+    assert main(["submit", str(folder / "good.yaml"), "--address", "127.0.0.1:8265", "--working-dir", str(folder)]) == 2
+    assert "http(s)://HOST:PORT" in capsys.readouterr().err
+    # the driver's code comes back: a release blocked by its gates is 1, an error 2; a stopped job 1
+    assert [exit_code("SUCCEEDED", 0), exit_code("FAILED", 1), exit_code("FAILED", 2)] == [0, 1, 2]
+    assert [exit_code("FAILED", None), exit_code("STOPPED", -15), exit_code("FAILED", -9)] == [1, 1, 1]
