@@ -3,6 +3,7 @@ new local one. Ray is imported only here and only when a run needs it."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -33,14 +34,42 @@ def connect(resources: Resources) -> ModuleType:
     need = resources.workers * resources.cpus_per_worker
     have = ray.cluster_resources().get("CPU", 0)
     if need > have:
-        raise LaminaError(
-            f"resources: {resources.workers} workers x {resources.cpus_per_worker:g} CPUs need {need:g} CPUs, "
-            f"the Ray cluster has {have:g}"
-        )
+        if not autoscaling():
+            raise LaminaError(
+                f"resources: {resources.workers} workers x {resources.cpus_per_worker:g} CPUs need {need:g} CPUs, "
+                f"the Ray cluster has {have:g}"
+            )
+        log.info("the cluster has %g of %g CPUs now; its autoscaler adds nodes for the workers", have, need)
     return ray
 
 
+def autoscaling() -> bool:
+    """Whether an autoscaler that can add nodes serves the connected cluster (the Ray cluster
+    launcher's, KubeRay's), so that CPUs it lacks now may come. Every Ray head runs a monitor
+    that publishes its report in the GCS key-value store; on a cluster without an autoscaling
+    config it runs a read-only provider whose node types are named after the nodes
+    (`format_readonly_node_type`), while a real one names the config's types (head, gpu_h100).
+    Autoscaler v2 marks itself there. These are Ray internals: if they move, this says no and
+    lamina keeps its up-front CPU check."""
+    try:
+        from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+        from ray.autoscaler._private.util import format_readonly_node_type
+        from ray.autoscaler.v2.utils import is_autoscaler_v2
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        if is_autoscaler_v2(fetch_from_server=True):
+            return True
+        status = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+        types = (json.loads(status)["autoscaler_report"].get("node_type_mapping") or {}) if status else {}
+        return any(kind != format_readonly_node_type(node) for node, kind in types.items())
+    except Exception as e:  # an internal API gone: fall back to the check
+        log.debug("could not tell whether the cluster autoscales: %s", e)
+        return False
+
+
 PLACEMENT_TIMEOUT_S = float(os.environ.get("LAMINA_PLACEMENT_TIMEOUT_S", 300))
+# On a cluster that autoscales, new GPU nodes take minutes to boot and pull the image.
+SCALE_UP_TIMEOUT_S = float(os.environ.get("LAMINA_SCALE_UP_TIMEOUT_S", 1800))
 
 
 @dataclass
@@ -74,12 +103,13 @@ def start_runners(ray: ModuleType, resources: Resources, **kwargs: object) -> Po
 
     bundle = resources.bundle()
     group = placement_group([bundle] * resources.workers, strategy=resources.placement.upper())
-    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+    timeout = max(PLACEMENT_TIMEOUT_S, SCALE_UP_TIMEOUT_S) if autoscaling() else PLACEMENT_TIMEOUT_S
+    ready, _ = ray.wait([group.ready()], timeout=timeout)
     if not ready:
         remove_placement_group(group)
         raise LaminaError(
             f"resources: the Ray cluster could not place {resources.workers} workers of {bundle} "
-            f"({resources.placement}) within {PLACEMENT_TIMEOUT_S:g} s; it has {ray.available_resources()}"
+            f"({resources.placement}) within {timeout:g} s; it has {ray.available_resources()}"
         )
     actor = block_actor()
     threads = max(1, int(resources.cpus_per_worker))

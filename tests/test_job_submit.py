@@ -1,7 +1,10 @@
-"""`ray job submit --working-dir . -- lamina quantize recipe.yaml`, as the README shows it,
-against a Ray head this test starts with `ray start --head --block` (its own ports, its own
-temp folder, on loopback) and stops by terminating that process: never `ray stop`, which
-would kill every Ray on the machine, the session's in-process cluster included."""
+"""Runs on a cluster, as users start them: `ray job submit --working-dir . -- COMMAND` with the
+command of the KubeRay RayJob (infra/k8s/rayjob.yaml: `lamina release RECIPE`), and
+`lamina submit`, against a Ray head this test starts with `ray start --head --block` (its own
+ports, its own temp folder, on loopback) and stops by terminating that process: never
+`ray stop`, which would kill every Ray on the machine, the session's in-process cluster
+included. The head has the shape of infra/: CPU 0, and an autoscaler that adds a worker node
+when a run asks for one."""
 
 from __future__ import annotations
 
@@ -28,11 +31,13 @@ import pytest
 import yaml
 
 from storage.manifest import read_manifest, verify
-from tests.conftest import ROOT, SMALL_BLOCKS, small_recipe_doc
+from tests.conftest import DOCS, ROOT, SMALL_BLOCKS, small_recipe_doc
 
 BIN = Path(sys.executable).parent  # the venv's bin: `ray` and `lamina`
 START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 300
+# tests/test_release.py's short eval: the release's eval on 256 tokens
+RELEASE_EVAL = {"source": str(DOCS / "tutorial"), "glob": "*.rst.txt", "tokens": 256, "window": 64, "long_window": 128}
 
 
 @dataclass
@@ -69,41 +74,95 @@ def ray_env(temp: Path, token: str) -> dict[str, str]:
     return env
 
 
-def stop(proc: subprocess.Popen, log: Path) -> None:
-    """SIGTERM the `ray start --block` process (its handler stops the head's processes),
-    wait; SIGKILL its process group and any descendant left over as a last resort."""
+def session_processes(temp: Path) -> list:
+    """Every process of the head's session: its command line names the head's temp folder."""
     import psutil
 
-    try:
-        family = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with suppress(psutil.Error):
+            if str(temp) in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+    return found
+
+
+def stop(proc: subprocess.Popen, log: Path, temp: Path) -> None:
+    """SIGTERM the `ray start --block` process (its handler stops the head's processes) and
+    wait; SIGKILL its process group as a last resort. The nodes the autoscaler started (other
+    machines on a real cluster, raylets of this one here) outlive the head: SIGTERM, then
+    SIGKILL, whatever of the session is left, and check that nothing is."""
+    import psutil
+
     proc.terminate()
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-    _, alive = psutil.wait_procs(family, timeout=15)
+    left = session_processes(temp)
+    for p in left:
+        with suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(left, timeout=5)
     for p in alive:
         with suppress(psutil.NoSuchProcess):
             p.kill()
-    assert not alive, f"Ray processes outlived the head: {alive}\n{log.read_text()[-3000:]}"
+    psutil.wait_procs(alive, timeout=10)
+    left = session_processes(temp)
+    assert not left, f"Ray processes outlived the head: {left}\n{log.read_text()[-3000:]}"
+
+
+def autoscaling_config(gcs: int) -> dict:
+    """The shape of infra/ray and infra/k8s on one machine: a head with CPU 0 (it runs the job
+    driver and no worker) and one type of worker node, none at start, that Ray's autoscaler
+    launches when a run's placement group asks for CPUs (Ray's fake multi-node provider: its
+    nodes are raylets on this machine, children of the head's autoscaler)."""
+    return {
+        "cluster_name": "lamina-test",
+        "max_workers": 1,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,
+        "provider": {  # its nodes start ready: no updater (there is no SSH) and no config check
+            "type": "fake_multinode",
+            "gcs_address": f"127.0.0.1:{gcs}",
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+        },
+        "auth": {"ssh_user": "ray"},
+        "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "worker": {
+                "resources": {"CPU": 2, "object_store_memory": 1 << 30},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": 1,
+            },
+        },
+        **{k: [] for k in ("initialization_commands", "setup_commands", "head_setup_commands",
+                           "worker_setup_commands", "head_start_ray_commands", "worker_start_ray_commands",
+                           "cluster_synced_files", "rsync_exclude", "rsync_filter")},
+        "file_mounts": {},
+        "file_mounts_sync_continuously": False,
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[Head]:
-    """A Ray head with a job server, on free loopback ports (the defaults, 6379, 8265,
-    10001, 52365, could belong to another cluster on this machine), in a fresh folder
-    under /tmp (short: Ray's socket paths live in it)."""
+    """A Ray head with a job server and an autoscaler (autoscaling_config), on free loopback
+    ports (the defaults, 6379, 8265, 10001, 52365, could belong to another cluster on this
+    machine), in a fresh folder under /tmp (short: Ray's socket paths live in it)."""
     temp = Path(tempfile.mkdtemp(prefix="lamina-job-", dir="/tmp"))
     gcs, dashboard, agent, client = free_ports(4)
     token = secrets.token_hex(32)
     env, auth = ray_env(temp, token), {"Authorization": f"Bearer {token}"}
+    env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    config = temp / "autoscaling.yaml"
+    config.write_text(yaml.safe_dump(autoscaling_config(gcs)))
     log = temp / "ray-start.log"
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-        "--num-cpus=2", f"--object-store-memory={1 << 30}",
+        "--num-cpus=0", f"--object-store-memory={1 << 30}", f"--autoscaling-config={config}",
         f"--port={gcs}", f"--ray-client-server-port={client}",
         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
         f"--dashboard-agent-listen-port={agent}",
@@ -128,25 +187,45 @@ def ray_head() -> Iterator[Head]:
         yield Head(url, temp, env, auth, log)
     finally:
         try:
-            stop(proc, log)
+            stop(proc, log, temp)
         finally:
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_job_submit_quantizes_with_the_working_dir(ray_head, small_model, tmp_path) -> None:
+def test_a_cluster_that_cannot_grow_is_refused_at_once(ray_cluster) -> None:
+    """The in-process cluster of the suite has no autoscaler: a run needing more CPUs than it
+    has is refused before anything starts, as before."""
+    from pipeline.cluster import autoscaling, connect
+    from pipeline.errors import LaminaError
+    from pipeline.recipe import Resources
+
+    assert autoscaling() is False
+    with pytest.raises(LaminaError, match=r"8 workers x 1 CPUs need 8 CPUs, the Ray cluster has 2"):
+        connect(Resources(workers=8, cpus_per_worker=1))
+
+
+def test_ray_job_submit_runs_the_rayjob_entrypoint_with_the_working_dir(ray_head, small_model, tmp_path) -> None:
+    """The RayJob's command, token for token, but for its recipe path (the ConfigMap mounted on
+    the RayJob's head): a release of the small model, on 2 workers the autoscaler brings."""
     from ray.job_submission import JobStatus, JobSubmissionClient
     from ray.util.state.api import StateApiClient
     from ray.util.state.common import ListApiOptions, StateResource
 
-    output = tmp_path / "artifact"
+    from tests.test_infra_k8s import rayjob_entrypoint
+
+    output = tmp_path / "registry" / "smollm2" / "w4g64-v1"
     doc = small_recipe_doc(tmp_path, small_model, output=str(output), resources={"workers": 2, "cpus_per_worker": 1})
+    doc.update(eval=RELEASE_EVAL, gates={"max_kl": 10.0, "min_top1": 0.5})
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(doc))
     submission = f"lamina-test-{uuid.uuid4().hex[:8]}"
+    entrypoint, mounted = rayjob_entrypoint()
+    assert entrypoint.count(mounted) == 1 and entrypoint[0] == "lamina", entrypoint
+    command = [str(recipe) if token == mounted else token for token in entrypoint]
 
     cmd = [
         str(BIN / "ray"), "job", "submit", "--address", ray_head.dashboard, "--submission-id", submission,
-        "--working-dir", ".", "--", "lamina", "-q", "quantize", str(recipe),
+        "--working-dir", ".", "--", *command,
     ]  # fmt: skip
     job = subprocess.run(
         cmd,
@@ -159,13 +238,13 @@ def test_ray_job_submit_quantizes_with_the_working_dir(ray_head, small_model, tm
     said = job.stdout + job.stderr
     assert job.returncode == 0, f"{said}\n--- head:\n{ray_head.log.read_text()[-3000:]}"
     assert f"Job '{submission}' succeeded" in said
-    assert "lamina quantize: done" in said
+    assert "lamina release: published" in said
 
     # The job server agrees, and the run's workers were actors of this job on this head
     # (the driver connected through the RAY_ADDRESS Ray sets for a job, not to another cluster).
     client = JobSubmissionClient(ray_head.dashboard, headers=ray_head.auth)
     assert client.get_job_status(submission) == JobStatus.SUCCEEDED
-    assert "lamina quantize: done" in client.get_job_logs(submission)
+    assert "lamina release: published" in client.get_job_logs(submission)
     info = client.get_job_info(submission)
     package = info.runtime_env["working_dir"]
     assert re.fullmatch(r"gcs://_ray_pkg_[0-9a-f]+\.zip", package), package
@@ -175,7 +254,14 @@ def test_ray_job_submit_quantizes_with_the_working_dir(ray_head, small_model, tm
         options=ListApiOptions(filters=[("class_name", "=", "BlockRunner")], limit=100),
         raise_on_missing_output=True,
     )
-    assert len(runners) == 2 and {a.job_id for a in runners} == {info.job_id}, runners
+    # (2 workers quantized, then 2 evaluated)
+    assert len(runners) >= 2 and {a.job_id for a in runners} == {info.job_id}, runners
+    # The head seats no worker (CPU 0, as in infra/): they ran on a node the autoscaler added
+    # for the run, which lamina waited for instead of refusing a cluster of 0 CPUs.
+    nodes = state.list(StateResource.NODES, options=ListApiOptions(limit=100), raise_on_missing_output=True)
+    head = [n.node_id for n in nodes if n.is_head_node]
+    assert len(head) == 1 and len(nodes) == 2, nodes
+    assert {a.node_id for a in runners} & set(head) == set(), runners
 
     # What was uploaded (~300 KiB): the sources, without the 1.7 GB .venv and .git (Ray's
     # default excludes) nor the 0.5 GB .cache and the egg-info (.gitignore, which Ray honours).
@@ -183,14 +269,17 @@ def test_ray_job_submit_quantizes_with_the_working_dir(ray_head, small_model, tm
     # ahead of the editable install's finder.
     unpacked = ray_head.temp / "ray" / "session_latest" / "runtime_resources" / "working_dir_files"
     unpacked /= package.removeprefix("gcs://").removesuffix(".zip")
-    files = unpacked_files(ray_head, package)
+    # The eval built lamina's CPU kernel there, into the checkout's .cache/kernels (kernels/cpu.py):
+    # written by the job, not uploaded.
+    files = [p for p in unpacked_files(ray_head, package) if p.relative_to(unpacked).parts[:2] != (".cache", "kernels")]
     names = {p.relative_to(unpacked).parts[0] for p in files}
     assert {"pipeline", "workers", "storage", "pyproject.toml"} <= names, names
     assert not names & {".venv", ".cache", ".git", "lamina.egg-info"}, names
     assert sum(p.stat().st_size for p in files) < 10 << 20
 
-    # The artifact is published and verifies.
+    # The version is published with its eval, and verifies.
     assert verify(str(output)) == []
+    assert read_manifest(str(output))["eval"]["gates"] == "passed"
     shards = [n for n in read_manifest(str(output))["files"] if n.endswith(".safetensors")]
     assert len(shards) == SMALL_BLOCKS + 1, shards
 
