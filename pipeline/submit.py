@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pipeline.errors import LaminaError
 from pipeline.recipe import Recipe, load
+from storage.fs import protocols
 
 COMMANDS = ("quantize", "release")
 
@@ -29,18 +30,18 @@ class Submission:
     working_dir: Path  # uploaded; the job's current directory on the head
     entrypoint: str  # the command the head runs
     submission_id: str
-    local_paths: list[str]  # the recipe's URIs that are paths on this machine
+    local_paths: list[str]  # the recipe's URIs on this machine's filesystem
 
 
 def local_paths(recipe: Recipe) -> list[str]:
-    """The recipe's sources and outputs given as paths of this machine (no scheme): a cluster
-    sees them only where it shares the filesystem."""
+    """The recipe's sources and outputs on this machine's filesystem (a path or a file:// URI,
+    also inside a chain): a cluster sees them only where it shares the filesystem."""
     uris = {"model": recipe.model, "output": recipe.output}
     if recipe.calibration is not None:
         uris["calibration.source"] = recipe.calibration.source
     if recipe.eval is not None:
         uris["eval.source"] = recipe.eval.source
-    return [f"{field} {uri}" for field, uri in uris.items() if "://" not in uri]
+    return [f"{field} {uri}" for field, uri in uris.items() if protocols(uri)[-1] in {"file", "local"}]
 
 
 def prepare(
@@ -101,7 +102,7 @@ def submit(sub: Submission, *, wait: bool = True) -> int:
         raise LaminaError(f"no Ray job server at {where}: {str(e).splitlines()[0]}") from None
     if sub.local_paths:
         print(
-            f"lamina submit: note: the recipe names paths, not URIs ({'; '.join(sub.local_paths)}): the head and "
+            f"lamina submit: note: the recipe names this machine's files ({'; '.join(sub.local_paths)}): the head and "
             f"workers must see them; relative ones resolve in the uploaded copy of {sub.working_dir}",
             file=sys.stderr,
         )
@@ -119,11 +120,9 @@ def submit(sub: Submission, *, wait: bool = True) -> int:
         print(f"\nlamina submit: stopped following; job {job_id} keeps running", file=sys.stderr)
         return 130
     info = client.get_job_info(job_id)
-    status = info.status
-    while status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:  # logs end just before
+    while info.status not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:  # logs end just before
         time.sleep(0.5)
         info = client.get_job_info(job_id)
-        status = info.status
-    code = exit_code(str(status.value), getattr(info, "driver_exit_code", None))
-    print(f"lamina submit: job {job_id} {status.value.lower()} (exit code {code})", file=sys.stderr)
+    code = exit_code(info.status.value, getattr(info, "driver_exit_code", None))
+    print(f"lamina submit: job {job_id} {info.status.value.lower()} (exit code {code})", file=sys.stderr)
     return code

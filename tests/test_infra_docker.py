@@ -23,6 +23,8 @@ DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
 CONSTRAINTS = ROOT / "infra" / "docker" / "constraints.txt"
 DOCKERIGNORE = ROOT / ".dockerignore"
 HADOLINT = Path(sys.executable).parent / "hadolint"
+# The tag the Dockerfile's header builds, which infra/ray and infra/k8s run (their tests import it).
+IMAGE = "ghcr.io/lamina-project/lamina:0.1.0"
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
@@ -90,6 +92,7 @@ def test_base_images_are_pinned_to_the_ray_and_python_tested_here() -> None:
     assert re.search(r"-(gpu|cu\d+)$", ray_image), f"{ray_image}: not a CUDA image"
     froms = [a.split()[0] for op, a in instructions(DOCKERFILE.read_text()) if op == "FROM"]
     assert froms[-1] == "${RAY_IMAGE}"
+    assert f"-t {IMAGE} ." in DOCKERFILE.read_text()  # the build command its header gives
 
 
 def requirement_pins() -> dict[str, str]:

@@ -20,11 +20,9 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
+from tests.test_infra_docker import IMAGE  # the one image of every Ray node, as in infra/k8s and the docs
 
-# The one image of every Ray node; infra/k8s and the docs name the same.
-IMAGE = "ghcr.io/lamina-project/lamina:0.1.0"
 CLUSTERS = {"aws": ROOT / "infra" / "ray" / "cluster-aws.yaml", "gcp": ROOT / "infra" / "ray" / "cluster-gcp.yaml"}
-DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
 RAY_BUILTIN = {"CPU", "GPU", "memory", "object_store_memory"}
 
 
@@ -145,7 +143,6 @@ def test_every_node_runs_the_lamina_image(cloud) -> None:
     for name, node_type in config["available_node_types"].items():
         assert "worker_image" not in node_type.get("docker", {}), name
     assert "--gpus all" in docker["worker_run_options"]
-    assert f"-t {IMAGE}" in DOCKERFILE.read_text()  # the tag infra/docker/Dockerfile builds
 
 
 @pytest.mark.parametrize("cloud", CLUSTERS)

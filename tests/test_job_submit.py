@@ -267,12 +267,11 @@ def test_ray_job_submit_runs_the_rayjob_entrypoint_with_the_working_dir(ray_head
     # default excludes) nor the 0.5 GB .cache and the egg-info (.gitignore, which Ray honours).
     # The job's driver and workers import lamina from it: Ray puts it first on PYTHONPATH,
     # ahead of the editable install's finder.
-    unpacked = ray_head.temp / "ray" / "session_latest" / "runtime_resources" / "working_dir_files"
-    unpacked /= package.removeprefix("gcs://").removesuffix(".zip")
     # The eval built lamina's CPU kernel there, into the checkout's .cache/kernels (kernels/cpu.py):
     # written by the job, not uploaded.
-    files = [p for p in unpacked_files(ray_head, package) if p.relative_to(unpacked).parts[:2] != (".cache", "kernels")]
-    names = {p.relative_to(unpacked).parts[0] for p in files}
+    root, files = unpacked(ray_head, package)
+    files = [p for p in files if p.relative_to(root).parts[:2] != (".cache", "kernels")]
+    names = {p.relative_to(root).parts[0] for p in files}
     assert {"pipeline", "workers", "storage", "pyproject.toml"} <= names, names
     assert not names & {".venv", ".cache", ".git", "lamina.egg-info"}, names
     assert sum(p.stat().st_size for p in files) < 10 << 20
@@ -284,11 +283,11 @@ def test_ray_job_submit_runs_the_rayjob_entrypoint_with_the_working_dir(ray_head
     assert len(shards) == SMALL_BLOCKS + 1, shards
 
 
-def unpacked_files(head: Head, package: str) -> list[Path]:
-    """The files of a job's working_dir package as the head unpacked them."""
-    unpacked = head.temp / "ray" / "session_latest" / "runtime_resources" / "working_dir_files"
-    unpacked /= package.removeprefix("gcs://").removesuffix(".zip")
-    return [p for p in unpacked.rglob("*") if p.is_file()]
+def unpacked(head: Head, package: str) -> tuple[Path, list[Path]]:
+    """Where the head unpacked a job's working_dir package, and the files there."""
+    root = head.temp / "ray" / "session_latest" / "runtime_resources" / "working_dir_files"
+    root /= package.removeprefix("gcs://").removesuffix(".zip")
+    return root, [p for p in root.rglob("*") if p.is_file()]
 
 
 def test_lamina_submit_uploads_a_folder_runs_there_and_follows_the_job(ray_head, small_model, tmp_path) -> None:
@@ -316,7 +315,7 @@ def test_lamina_submit_uploads_a_folder_runs_there_and_follows_the_job(ray_head,
     client = JobSubmissionClient(ray_head.dashboard, headers=ray_head.auth)
     info = client.get_job_info(submission)
     assert info.status == JobStatus.SUCCEEDED and info.entrypoint == "lamina -q quantize recipe.yaml"
-    files = unpacked_files(ray_head, info.runtime_env["working_dir"])
+    _, files = unpacked(ray_head, info.runtime_env["working_dir"])
     assert [p.name for p in files] == ["recipe.yaml"]
     assert verify(str(output)) == []
 
