@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from algorithms.aqlm import AQLMConfig, aqlm
+from algorithms.awq import AWQConfig, awq
 from algorithms.codebook import CodebookScheme, CodebookWeight
 from algorithms.gptq import GPTQConfig, Prepared, gptq, prepare
 from algorithms.quip import QuipConfig, QuipScheme, QuipWeight, quip
@@ -36,6 +37,14 @@ def _gptq(
     if H is None:
         raise ValueError("gptq needs the layer's input Hessian")
     return gptq(W, H, scheme, options, prepared if isinstance(prepared, Prepared) else None)
+
+
+def _awq(
+    W: torch.Tensor, H: torch.Tensor | None, scheme: UniformScheme, options: AWQConfig, prepared: object = None
+) -> QuantizedWeight:
+    if H is None:
+        raise ValueError("awq needs the layer's input Hessian")
+    return awq(W, H, scheme, options)
 
 
 def _aqlm(
@@ -66,10 +75,24 @@ Format = UniformScheme | CodebookScheme | VectorScheme | QuipScheme  # how a qua
 Weight = QuantizedWeight | CodebookWeight | VectorWeight | QuipWeight
 Quantizer = Callable[..., Weight]
 
-QUANTIZERS: dict[str, Quantizer] = {"rtn": _rtn, "gptq": _gptq, "aqlm": _aqlm, "vptq": _vptq, "quip": _quip}
-NEEDS_HESSIAN = {"rtn": False, "gptq": True, "aqlm": True, "vptq": True, "quip": True}
+# awq: its scaled weights clipped and rounded (algorithms.awq); smoothquant: its smoothed
+# weights solved by GPTQ, as llm-compressor's W8A8 recipe does
+QUANTIZERS: dict[str, Quantizer] = {
+    "rtn": _rtn,
+    "gptq": _gptq,
+    "aqlm": _aqlm,
+    "vptq": _vptq,
+    "quip": _quip,
+    "awq": _awq,
+    "smoothquant": _gptq,
+}
+NEEDS_HESSIAN = {name: name != "rtn" for name in QUANTIZERS}
 # what a quantizer derives from H alone, shared by the linears (and row ranges) that read it
-PREPARERS: dict[str, Callable[[torch.Tensor, object], object]] = {"gptq": prepare, "quip": quip_prepare}
+PREPARERS: dict[str, Callable[[torch.Tensor, object], object]] = {
+    "gptq": prepare,
+    "quip": quip_prepare,
+    "smoothquant": prepare,
+}
 
 
 def weight_from_tensors(tensors: dict[str, torch.Tensor], fmt: Format) -> Weight:
@@ -88,6 +111,7 @@ __all__ = [
     "PREPARERS",
     "QUANTIZERS",
     "AQLMConfig",
+    "AWQConfig",
     "CodebookScheme",
     "CodebookWeight",
     "Format",
@@ -102,6 +126,7 @@ __all__ = [
     "VectorWeight",
     "Weight",
     "aqlm",
+    "awq",
     "gptq",
     "quip",
     "rtn",

@@ -14,6 +14,12 @@ repacked, only transposed or relabelled.
   [out, groups]; `weight_shape` [2]; for asymmetric grids `weight_zero_point` int32
   [out * bits / 32, groups], packed along the output.
 
+- AWQ GEMM (AutoAWQ's WQLinear_GEMM, as transformers and vLLM load `quant_method: awq`,
+  `version: gemm`; 4 bits only): `qweight` int32 [in, out / 8] and `qzeros` int32
+  [groups, out / 8], each word eight 4-bit codes of consecutive outputs in the
+  interleaved order AWQ_ORDER (nibble k holds output 8c + AWQ_ORDER[k]), zero points
+  stored as they are; `scales` float16 [groups, out]; W = (q - zero) * scale.
+
 The codebook format is stored in AQLM's Hugging Face layout already (algorithms/codebook.py),
 so its export checks the tensors and passes them on:
 - AQLM (transformers with the `aqlm` package): `codes` int8 | int16 [out, in / g, M],
@@ -40,7 +46,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from algorithms.codebook import CodebookScheme, CodebookWeight
-from algorithms.packing import codes_per_run, pack
+from algorithms.packing import codes_per_run, pack, unpack
 from algorithms.types import QuantizedWeight
 from algorithms.vector import VectorScheme, VectorWeight
 
@@ -83,6 +89,43 @@ def compressed_tensors_tensors(qw: QuantizedWeight, *, sym: bool) -> dict[str, t
     if not sym:
         tensors["weight_zero_point"] = pack_padded(qw.zeros.T, qw.bits).T.contiguous()
     return tensors
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # the output each nibble of an AWQ word holds, lowest nibble first
+
+
+def awq_pack(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [rows, out] -> int32 [rows, out / 8] in AWQ's interleaved nibble order."""
+    rows, out = codes.shape
+    if out % 8:
+        raise ValueError(f"AWQ's format packs 8 outputs per word: {out} outputs is not a multiple of 8")
+    runs = codes.to(torch.int64).reshape(rows, out // 8, 8)[:, :, list(AWQ_ORDER)]  # [rows, out/8, 8]
+    words = (runs << (4 * torch.arange(8))).sum(dim=-1)  # [rows, out/8], in [0, 2**32)
+    return words.to(torch.uint32).view(torch.int32)
+
+
+def awq_unpack(words: torch.Tensor) -> torch.Tensor:
+    """int32 [rows, out / 8] in AWQ's order -> codes int32 [rows, out]."""
+    rows, n = words.shape
+    nibbles = (words.to(torch.int64)[:, :, None] >> (4 * torch.arange(8))) & 15  # [rows, n, 8]
+    codes = torch.empty_like(nibbles)
+    codes[:, :, list(AWQ_ORDER)] = nibbles
+    return codes.reshape(rows, n * 8).to(torch.int32)
+
+
+def awq_tensors(qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """One linear in AWQ's GEMM layout, by suffix. Needs 4 bits and groups that are runs of
+    consecutive columns (the format has no g_idx)."""
+    if qw.bits != 4:
+        raise ValueError(f"AWQ's GEMM format holds 4-bit codes, not {qw.bits}-bit")
+    if qw.g_idx is not None:
+        raise ValueError("groups in solve order (g_idx) cannot be stored: AWQ's format has no g_idx")
+    codes = unpack(qw.qweight, qw.bits)  # [out, in]
+    return {
+        "qweight": awq_pack(codes.T),
+        "qzeros": awq_pack(qw.zeros.T),
+        "scales": qw.scales.T.contiguous(),
+    }
 
 
 def aqlm_tensors(cw: CodebookWeight) -> dict[str, torch.Tensor]:

@@ -12,6 +12,14 @@ LLAMA_GROUPS = (
     ("mlp.down_proj",),
 )
 
+LLAMA_SMOOTH = (
+    ("input_layernorm", "self_attn.q_proj"),
+    ("self_attn.v_proj", "self_attn.o_proj"),  # when v's outputs are o's inputs one to one (no GQA)
+    ("post_attention_layernorm", "mlp.gate_proj"),
+    ("mlp.up_proj", "mlp.down_proj"),  # down reads act(gate) * up: linear in up's rows
+)
+SCORES = ("self_attn.q_proj", "self_attn.k_proj")
+
 
 def llama_like(module: str, prefix: str) -> BlockLayout:
     """The Llama block shape (attention q/k/v/o, gated MLP) under another family's names."""
@@ -21,6 +29,8 @@ def llama_like(module: str, prefix: str) -> BlockLayout:
         rotary_class=f"{prefix}RotaryEmbedding",
         norm_class=f"{prefix}RMSNorm",
         groups=LLAMA_GROUPS,
+        smooth=LLAMA_SMOOTH,
+        scores=SCORES,
     )
 
 
@@ -52,6 +62,8 @@ def moe_like(module: str, prefix: str, moe: str, experts: int, names: tuple[str,
         norm_class=f"{prefix}RMSNorm",
         groups=(*LLAMA_GROUPS[:2], *groups),
         moe=moe,
+        smooth=LLAMA_SMOOTH[:2],  # the MoE's norm also feeds the router: its scale has nowhere to go
+        scores=SCORES,
     )
 
 

@@ -255,7 +255,8 @@ class Run:
 
     def hessians(self, groups: list[str] | None) -> object:
         """A reference to the block's Hessians, folded on the first worker; never fetched here."""
-        parts = [r.calibrate.remote(self.chunks, groups) for r in self.runners]
+        channels = self.plan.recipe.scheme.smoothing is not None  # AWQ / SmoothQuant also scale by |x| per channel
+        parts = [r.calibrate.remote(self.chunks, groups, None, channels) for r in self.runners]
         folded = self.runners[0].reduce.remote(self.chunks, *parts)
         start = time.perf_counter()
         self.ray.wait([folded], fetch_local=False)
@@ -297,6 +298,36 @@ class Run:
         self.ray.wait([merged], fetch_local=False)
         self.report.seconds["calibrate"] += time.perf_counter() - start
         return merged, ()
+
+    def smooth(self, block: int, hessians: object, runners: list, *, wait: bool = True) -> None:
+        """AWQ / SmoothQuant: each smoothed group's input scale found on one of `runners`
+        (round robin), then folded into the loaded block on all of them; with `wait`, the
+        chosen alphas recorded in the event log."""
+        scheme = self.plan.recipe.scheme
+        if scheme.smoothing is None:
+            return
+        method, config = scheme.smoothing
+        groups = [group for _, group in self.plan.layout.smooth]
+        tokens = self.plan.calibration.size
+        found = [
+            runner.smooth_search.remote(
+                block,
+                groups[k :: len(runners)],
+                hessians,
+                tokens=tokens,
+                method=method,
+                config=config,
+                scheme=scheme.format,
+            )
+            for k, runner in enumerate(runners[: len(groups)])
+        ]
+        done = [runner.smooth.remote(block, method, *found) for runner in runners]
+        if not wait:
+            return
+        self.timed("solve", done)
+        chosen = {g: v for part in cluster.get(self.ray, found) for g, v in part.items()}
+        scales = {g: {"alpha": a, "loss_ratio": round(r, 6)} for g, (_, a, r) in sorted(chosen.items())}
+        self.events.emit("block_smoothed", block=block, method=method, groups=scales)
 
     def solve(
         self, block: int, tasks: list[SolveTask], hessians: object, runners: list, rtn: tuple[str, ...] = ()
@@ -342,6 +373,7 @@ class Run:
             if plan.needs_calibration:
                 groups = sorted({plan.layout.group_of(lin.name) for lin in stage.linears}) if len(stages) > 1 else None
                 hessians, rtn = self.experts(block.index, self.hessians(groups))
+                self.smooth(block.index, hessians, self.runners)
             start = time.perf_counter()
             solved = self.solve(block.index, self.tasks(stage), hessians, self.runners, rtn)
             self.ray.wait(solved, num_returns=len(solved), fetch_local=False)
@@ -417,6 +449,7 @@ class Run:
             for k in share:
                 block = left[k]
                 w.handle.load_block.remote(block.index)
+                self.smooth(block.index, hessians[block.index], [w.handle], wait=False)
                 solved = self.solve(block.index, self.tasks(block), hessians[block.index], [w.handle], rtn[block.index])
                 pending[w.handle.write_block.remote(self.stage.uri, self.shards[block.index], *solved)] = (block, w)
         while pending:

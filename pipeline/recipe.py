@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from algorithms import (
     AQLMConfig,
+    AWQConfig,
     CodebookScheme,
     Format,
     GPTQConfig,
@@ -192,8 +193,35 @@ class QuipOptions(Strict):
     seed: int = Field(0, description="the random signs of the rotations (stored with the codes)")
 
 
+class AWQOptions(Strict):
+    """AWQ (scheme.algorithm: awq; algorithms/awq.py): per group of linears sharing an input,
+    a per-channel scale from activation and weight magnitudes, its exponent searched on a
+    grid of `n_grid` points for the least output error on the calibration set, folded into
+    the op before the group (a norm, or the linear before it); then, with `clip`, each
+    quantization group's range shrunk by up to `max_shrink` where that lowers the output
+    error; then round-to-nearest on the scheme's grid (AWQ's own: bits 4, sym false)."""
+
+    n_grid: int = Field(20, ge=1, le=100)
+    duo_scaling: bool = Field(True, description="scale by activation and weight magnitudes (else activations only)")
+    clip: bool = True
+    max_shrink: float = Field(0.5, ge=0, lt=1)
+
+    @property
+    def config(self) -> AWQConfig:
+        return AWQConfig(n_grid=self.n_grid, duo_scaling=self.duo_scaling, clip=self.clip, max_shrink=self.max_shrink)
+
+
+class SmoothQuantOptions(Strict):
+    """SmoothQuant (scheme.algorithm: smoothquant; algorithms/smoothquant.py): activation
+    outliers migrated into the weights of the linears after each norm, channel j scaled by
+    max|x_j|^alpha / max|W_j|^(1 - alpha) (max |x| from the calibration set); then the
+    weights solved by GPTQ on the scheme's grid (bits 8, group_size 0 for W8A8)."""
+
+    alpha: float = Field(0.5, ge=0, le=1, description="migration strength: 0.5 for most models, up to 0.85")
+
+
 class Scheme(Strict):
-    algorithm: Literal["gptq", "rtn", "aqlm", "vptq", "quip"] = "gptq"
+    algorithm: Literal["gptq", "rtn", "aqlm", "vptq", "quip", "awq", "smoothquant"] = "gptq"
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = Field(128, ge=0, description="columns per group; 0 = per-channel")
     sym: bool = True
@@ -240,12 +268,31 @@ class Scheme(Strict):
 
     quip: QuipOptions | None = Field(None, description="QuIP's codebook and signs (algorithm: quip)")
 
+    awq: AWQOptions | None = Field(None, description="AWQ's scale and clipping searches (algorithm: awq)")
+
+    smoothquant: SmoothQuantOptions | None = Field(None, description="SmoothQuant's alpha (algorithm: smoothquant)")
+
     @model_validator(mode="after")
     def _options_need_their_algorithm(self) -> Scheme:
-        for name in ("aqlm", "vptq", "quip"):
+        for name in OPTIONED:
             if getattr(self, name) is not None and self.algorithm != name:
                 raise ValueError(f"{name} options are set but algorithm is {self.algorithm}: set algorithm: {name}")
+        if self.smoothing and self.true_sequential:
+            raise ValueError(
+                f"true_sequential cannot be used with algorithm {self.algorithm}: its scales move between a "
+                "block's linears (v into o, up into down), so the block is solved at once"
+            )
         return self
+
+    @property
+    def smoothing(self) -> tuple[str, object] | None:
+        """(method, its config) when input scales are folded into each block before the
+        solves: AWQ's search config, or SmoothQuant's alpha."""
+        if self.algorithm == "awq":
+            return "awq", (self.awq or AWQOptions()).config
+        if self.algorithm == "smoothquant":
+            return "smoothquant", (self.smoothquant or SmoothQuantOptions()).alpha
+        return None
 
     @property
     def piece_rows(self) -> int:
@@ -276,7 +323,9 @@ class Scheme(Strict):
         return (self.aqlm or AQLMOptions()).format if self.algorithm == "aqlm" else self.grid
 
     @property
-    def options(self) -> GPTQConfig | AQLMConfig | VPTQConfig | QuipConfig:
+    def options(self) -> GPTQConfig | AQLMConfig | VPTQConfig | QuipConfig | AWQConfig:
+        if self.algorithm == "awq":
+            return (self.awq or AWQOptions()).config
         if self.algorithm == "quip":
             o = self.quip or QuipOptions()
             return QuipConfig(damp=self.damp, block_size=self.block_size, mse=self.mse, seed=o.seed)
@@ -298,6 +347,9 @@ class Scheme(Strict):
             static_groups=self.static_groups,
             mse=self.mse,
         )
+
+
+OPTIONED = ("aqlm", "vptq", "quip", "awq", "smoothquant")  # the algorithms with their own options
 
 
 class Resources(Strict):
@@ -407,7 +459,7 @@ class Recipe(Strict):
         written, with what resources, how storage is reached, how it is evaluated or exported)."""
         skip = {"output", "resources", "eval", "gates", "storage", "export"}
         doc = self.model_dump(mode="json", exclude={*skip, "calibration"})
-        for added in ("aqlm", "vptq", "quip"):  # recipes from before AQLM, VPTQ and QuIP keep their hash
+        for added in OPTIONED:  # recipes from before AQLM, VPTQ, QuIP, AWQ and SmoothQuant keep their hash
             if doc["scheme"][added] is None:
                 del doc["scheme"][added]
         if doc["experts"] is None:  # recipes from before MoE support keep their hash

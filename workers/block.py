@@ -33,8 +33,10 @@ from algorithms import (
     weight_from_tensors,
 )
 from algorithms.aqlm import LocalPieces as CodebookPieces
+from algorithms.awq import search_scale
 from algorithms.hessian import input_gram
 from algorithms.quip import quip_rows, rotated
+from algorithms.smoothquant import smoothing_scale
 from algorithms.vector import SUFFIXES as VECTOR
 from algorithms.vptq import LocalPieces as VectorPieces
 from kernels import choose, quant_linear
@@ -45,7 +47,7 @@ from storage.fs import open_location
 from storage.options import configure
 from storage.safetensors_io import read_header, read_tensors
 from storage.writer import FileRecord, put_tensors
-from workers.chunk_sum import Node, fold, push
+from workers.chunk_sum import MAXIMA, Node, fold, push
 from workers.layout import BlockLayout
 from workers.moe import SparseMoe, install_moe
 from workers.spill import SpilledChunks
@@ -146,6 +148,7 @@ def join_rows(solved: tuple[list[Piece], ...]) -> dict[str, Arrays]:
 SCORE_ROWS = 1024  # predicted tokens whose log-probs are held at once
 ERROR_ROWS = 256  # rows of each solved piece on which its error is measured (70B: ~1% of the solve)
 TOKENS = "#tokens"  # an expert group's Hessian comes with the count of its tokens, as hessians[group + TOKENS]
+ABSMEAN = "#absmean"  # with channel statistics: a group's sum over tokens of |x| per input channel
 
 
 def scaled_hessian(hessians: Arrays, group: str, tokens: int) -> torch.Tensor:
@@ -293,6 +296,7 @@ class BlockRunner:
         self.index = -1
         self.fits: dict[str, CodebookPieces | VectorPieces] = {}  # linear -> its fit's pieces held here
         self.fit_scheme: CodebookScheme | VectorScheme | None = None
+        self.smoothing: dict[str, torch.Tensor] = {}  # group -> the scale folded into the loaded block (see smooth)
 
     def reopen(self, model_uri: str) -> None:
         """Read blocks from another checkpoint of the same architecture from now on (eval:
@@ -382,7 +386,7 @@ class BlockRunner:
     def _build(self, index: int, raw: dict[str, torch.Tensor], fmt: Format | None) -> None:
         """Block `index` from its stored tensors by local name; quantized linears (those
         stored as qweight, codes or indices) dequantized once, as QuantLinear's reference path would."""
-        self.raw = raw
+        self.raw, self.smoothing = raw, {}
         with torch.device("meta"):
             layer = getattr(self.modeling, self.layout.layer_class)(self.config, index)
             if self.layout.moe:
@@ -421,7 +425,9 @@ class BlockRunner:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.inference_mode()
-    def calibrate(self, total: int, groups: list[str] | None = None, route_all: list[int] | None = None) -> list[Node]:
+    def calibrate(
+        self, total: int, groups: list[str] | None = None, route_all: list[int] | None = None, channels: bool = False
+    ) -> list[Node]:
         """The sums of x x^T of the inputs of each linear group (all, or those named by
         their first linear) over this runner's chunks, folded into whole subtrees of the
         fixed tree over all `total` chunks (see workers.chunk_sum): [(first chunk, span,
@@ -430,16 +436,24 @@ class BlockRunner:
 
         An expert's group also gets its token count (group + TOKENS): a chunk may route
         no token to it (a zero sum). `route_all` names experts run on every token for
-        these sums (see SparseMoe)."""
+        these sums (see SparseMoe). With `channels`, every group also gets the sum of |x|
+        (group + ABSMEAN) and the max of |x| (group + MAXIMA) of each input channel, which
+        AWQ and SmoothQuant scale by."""
         captured: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
         names = [group[0] for group in self.layout.groups] if groups is None else groups
         experts = [name for name in names if self.layout.is_expert(name)]
 
+        def record(name: str, x: torch.Tensor) -> None:
+            X = x.reshape(-1, x.shape[-1]).float()  # [tokens, in]
+            captured[name], counts[name] = input_gram(X), X.shape[0]
+            if channels:
+                captured[name + ABSMEAN] = X.abs().sum(dim=0)  # [in]
+                captured[name + MAXIMA] = X.abs().amax(dim=0) if len(X) else torch.zeros(X.shape[1])  # [in]
+
         def capture(name: str, x: torch.Tensor) -> None:
-            captured[name] = input_gram(x)
-            counts[name] = x.reshape(-1, x.shape[-1]).shape[0]
-            if len(captured) == len(names):
+            record(name, x)
+            if len(counts) == len(names):
                 raise _StopForwardError
 
         hooks = [
@@ -458,14 +472,14 @@ class BlockRunner:
                     self._run(hidden)
                 for name in experts:  # no token of this chunk was routed to it
                     if name not in captured:
-                        n = self.layer.get_submodule(name).in_features
-                        captured[name], counts[name] = torch.zeros(n, n), 0
-                if missing := sorted(set(names) - set(captured)):
+                        record(name, torch.zeros(0, self.layer.get_submodule(name).in_features))
+                if missing := sorted(set(names) - set(counts)):
                     raise RuntimeError(f"block {self.index}: the forward never reached {', '.join(missing)}")
                 sums = {name: h.numpy() for name, h in captured.items()}
                 sums.update({name + TOKENS: np.array([counts[name]], dtype=np.int64) for name in experts})
                 push(stack, (chunk, 1, sums), total)
                 captured.clear()
+                counts.clear()
             return stack
         finally:
             for hook in hooks:
@@ -485,6 +499,81 @@ class BlockRunner:
         """The Hessians of the whole calibration set: every runner's subtrees folded in
         chunk order (runners may hold chunks that are not contiguous after a recovery)."""
         return fold(sorted((node for part in parts for node in part), key=lambda n: n[0]), total)
+
+    # ---- AWQ / SmoothQuant: scales folded into the op before a group ------------------
+    def smoothable(self, method: str) -> dict[str, str]:
+        """{group: the op before it} of the loaded block that `method` smooths: AWQ every
+        mapping of the layout whose op's outputs are the group's inputs one to one (not v
+        into o under grouped-query attention), SmoothQuant those after a norm."""
+        out = {}
+        for prev, group in self.layout.smooth:
+            module = self.layer.get_submodule(prev)
+            outputs = getattr(module, "out_features", None)  # a linear's; a norm's outputs are its inputs
+            one_to_one = method == "awq" and outputs == self.layer.get_submodule(group).in_features
+            if outputs is not None and not one_to_one:
+                continue
+            out[group] = prev
+        return out
+
+    @torch.inference_mode()
+    def smooth_search(
+        self,
+        block: int,
+        groups: list[str],
+        hessians: Arrays,
+        *,
+        tokens: int,
+        method: str,
+        config: object,
+        scheme: Format,
+    ) -> dict[str, tuple[np.ndarray, float | None, float]]:
+        """The input scale of each named group of the loaded block that `method` smooths:
+        {group: (s [in], alpha (None: no scaling was best), the group's loss at s relative
+        to no scaling)}. AWQ searches
+        it (algorithms.awq.search_scale); SmoothQuant computes it with the recipe's alpha."""
+        if block != self.index:
+            raise RuntimeError(f"asked to smooth block {block}, but block {self.index} is loaded")
+        out = {}
+        for group in (g for g in groups if g in self.smoothable(method)):
+            Ws = [self.layer.get_submodule(name).weight.detach() for name in self.layout.members(group)]
+            if method == "awq":
+                H = scaled_hessian(hessians, group, tokens)
+                x_mean = torch.from_numpy(hessians[group + ABSMEAN]) / tokens
+                found = search_scale(Ws, H, x_mean, scheme, config)
+                out[group] = (found.scale.numpy(), found.alpha, found.loss_ratio)
+            else:
+                s = smoothing_scale(torch.from_numpy(hessians[group + MAXIMA]), Ws, float(config))
+                out[group] = (s.numpy(), float(config), 1.0)
+        return out
+
+    @torch.inference_mode()
+    def smooth(self, block: int, method: str, *found: dict[str, tuple[np.ndarray, float | None, float]]) -> int:
+        """Fold each group's scale s into the loaded block: its linears' columns times s, the
+        op before it (a norm's weight, a linear's rows and bias) divided by s, in the
+        stored tensors (their dtype) and in the layer alike; the solves then see the
+        Hessians of the scaled inputs. Returns the number of groups smoothed."""
+        if block != self.index:
+            raise RuntimeError(f"asked to smooth block {block}, but block {self.index} is loaded")
+        before = self.smoothable(method)
+        for group, (s, _, _) in sorted({k: v for part in found for k, v in part.items()}.items()):
+            s = torch.from_numpy(s).float()  # [in]
+            for name in self.layout.members(group):
+                self._rescale(f"{name}.weight", s[None, :])
+            prev = before[group]
+            rows = s[:, None] if isinstance(self.layer.get_submodule(prev), nn.Linear) else s
+            self._rescale(f"{prev}.weight", 1 / rows)
+            if f"{prev}.bias" in self.raw:
+                self._rescale(f"{prev}.bias", 1 / s)
+            self.smoothing[group] = s
+        return len(self.smoothing)
+
+    def _rescale(self, name: str, factor: torch.Tensor) -> None:
+        """Stored tensor `name` (local) times `factor`, rounded to its stored dtype; the
+        layer's parameter becomes exactly what loading that tensor gives."""
+        stored = self.raw[name]
+        self.raw[name] = (stored.float() * factor).to(stored.dtype)
+        module, _, leaf = name.rpartition(".")
+        getattr(self.layer.get_submodule(module), leaf).data.copy_(self.raw[name].float())
 
     @torch.inference_mode()
     def solve(
@@ -511,13 +600,18 @@ class BlockRunner:
             group = self.layout.group_of(linear)
             W = self.layer.get_submodule(linear).weight.detach().to(device)  # [out, in]
             H = None if hessians is None or group in rtn else scaled_hessian(hessians, group, tokens)
+            if H is not None and group in self.smoothing:  # the Hessian of the inputs x / s
+                s = self.smoothing[group]
+                H = H / s[:, None] / s[None, :]
+            noclip = algorithm == "awq" and linear in self.layout.scores  # AWQ clips no attention-score range
+            opts = dataclasses.replace(options, clip=False) if noclip else options
             if H is not None and algorithm in PREPARERS and group not in prepared:
                 prepared = {}  # the last group's freed before this one's is made
                 where = "cpu" if self.inverse_on_cpu else device
                 with torch.device(where):
-                    prepared = {group: moved(PREPARERS[algorithm](H.to(where), options), device)}
+                    prepared = {group: moved(PREPARERS[algorithm](H.to(where), opts), device)}
             H = None if H is None else H.to(device)
-            fit = (algorithm, scheme, options, prepared.get(group))
+            fit = (algorithm, scheme, opts, prepared.get(group))
             with torch.device(device):  # what the solve allocates goes where its inputs are
                 arrays = solve_rows(W, first, last, H, *fit, fallback=H is None and hessians is not None)
             out.append((linear, first, arrays))

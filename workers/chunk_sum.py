@@ -9,6 +9,8 @@ folds the chunks it owns into the largest whole subtrees it can (a binary counte
 most about 2 log2 N partial sums at a time, never one per chunk), and one reducer folds
 the workers' subtrees, in chunk order, into the root with the same rule. Whoever adds two
 subtrees adds the same two arrays, so the root is bit-identical for any partition.
+Entries named with the MAXIMA suffix (per-channel max |x|) combine by maximum instead,
+which is exact in any order.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 
 Sums = dict[str, np.ndarray]  # one Hessian per group of linears sharing an input
 Node = tuple[int, int, Sums]  # (first chunk, number of chunks it spans in the tree, sums)
+MAXIMA = "#absmax"  # the suffix of entries that combine by maximum
 
 
 def root_size(total: int) -> int:
@@ -26,7 +29,10 @@ def root_size(total: int) -> int:
 
 
 def _add(left: Sums, right: Sums) -> Sums:
-    return {name: left[name] + right[name] for name in left}
+    return {
+        name: np.maximum(left[name], right[name]) if name.endswith(MAXIMA) else left[name] + right[name]
+        for name in left
+    }
 
 
 def push(stack: list[Node], node: Node, total: int) -> None:

@@ -20,6 +20,10 @@ class BlockLayout:
     final_norm: str = "model.norm.weight"
     lm_head: str = "lm_head.weight"
     moe: str = ""  # a MoE block's prefix in the checkpoint (its experts are `{moe}.experts.N.*`); "" if dense
+    # (the op before a group, the group it alone feeds): where AWQ and SmoothQuant fold the scale of
+    # the group's input channels, a norm (its weight) or a linear (its output rows)
+    smooth: tuple[tuple[str, str], ...] = ()
+    scores: tuple[str, ...] = ()  # the linears whose outputs make attention scores (AWQ clips no range of theirs)
 
     def is_expert(self, group: str) -> bool:
         """Whether the group's linears are one expert's (they read only the tokens routed to it)."""
@@ -31,6 +35,10 @@ class BlockLayout:
     @property
     def linears(self) -> tuple[str, ...]:
         return tuple(name for group in self.groups for name in group)
+
+    def members(self, group: str) -> tuple[str, ...]:
+        """The linears of the group its first linear names."""
+        return next(g for g in self.groups if g[0] == group)
 
     def group_of(self, linear: str) -> str:
         """The group's first linear names the group (its Hessian is shared)."""
