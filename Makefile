@@ -13,7 +13,8 @@ install: $(STAMP)
 # local disk, while a bare `torch` requirement would pull a multi-GB CUDA build.
 # vptq (its loader reads the vptq export in the tests) goes in without its requirements:
 # gradio, plotly, datasets and pynvml serve its demo app; what `import vptq` needs
-# (sentence-transformers, accelerate, transformers) is in the test extras.
+# (sentence-transformers, accelerate, transformers) is in the test extras. autoawq (deprecated,
+# sdist only) likewise: the tests read AWQ exports back with its unpacking code alone.
 # infra/docker/constraints.txt pins what the image installs, and the same versions here.
 $(STAMP): pyproject.toml Makefile infra/docker/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,7 @@ $(STAMP): pyproject.toml Makefile infra/docker/constraints.txt
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q --constraint infra/docker/constraints.txt -e '.[test]'
 	$(BIN)/python -m pip install -q --no-deps vptq==0.0.5.post1
+	$(BIN)/python -m pip install -q --no-deps autoawq==0.2.9
 	touch $(STAMP)
 
 fixtures: install

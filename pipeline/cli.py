@@ -306,7 +306,7 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
     x = sub.add_parser("export", help="write a published artifact in a format serving engines load")
     x.add_argument("artifact")
-    x.add_argument("--format", required=True, choices=["gptq", "compressed-tensors", "aqlm", "vptq"])
+    x.add_argument("--format", required=True, choices=["gptq", "compressed-tensors", "awq", "aqlm", "vptq"])
     x.add_argument("dest")
     x.set_defaults(func=cmd_export)
     e = sub.add_parser("eval", help="perplexity of an artifact (and of its source) on held-out text")

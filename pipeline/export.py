@@ -18,6 +18,7 @@ from algorithms.codebook import CodebookScheme, CodebookWeight
 from algorithms.formats import (
     aqlm_config,
     aqlm_tensors,
+    awq_tensors,
     compressed_tensors_tensors,
     gptq_tensors,
     vector_layout,
@@ -37,12 +38,16 @@ from storage.manifest import MANIFEST, read_manifest
 from storage.staging import claim, publish, staging
 from storage.writer import FileRecord, put_bytes, put_json, put_tensors
 
-FORMATS = ("gptq", "compressed-tensors", "aqlm", "vptq")
+FORMATS = ("gptq", "compressed-tensors", "awq", "aqlm", "vptq")
 NO_QUIP_EXPORT = (  # why neither a QuIP recipe nor a QuIP artifact can be exported
     "has no export format here: QuIP#'s own loader needs its CUDA kernels; serve the native artifact with "
     "lamina's kernels"
 )
-EXPORTS = {"uniform": ("gptq", "compressed-tensors"), "codebook": ("aqlm",), "vector": ("vptq",)}  # by native format
+EXPORTS = {  # by native format
+    "uniform": ("gptq", "compressed-tensors", "awq"),
+    "codebook": ("aqlm",),
+    "vector": ("vptq",),
+}
 MARKER = {"uniform": "qweight", "codebook": "codes", "vector": "indices"}  # the suffix that marks a quantized linear
 SAFETENSORS = {torch.float16: "F16", torch.int16: "I16", torch.int32: "I32"}  # safetensors names the vector dtypes so
 QUANTIZED = ("qweight", "scales", "qzeros", "g_idx")  # the native suffixes of a uniform linear
@@ -264,6 +269,8 @@ def check_exportable(native: Native, fmt: str) -> None:
                 f"group), used by {len(bad)} linears, e.g. {bad[0]}; export --format gptq, or quantize with "
                 "scheme.static_groups: true and a group size that divides every input size"
             )
+    if fmt == "awq":
+        check_awq(native)
     if fmt == "gptq" and not native.sym:
         names = [f"{lin}.qzeros" for lin in native.linears]
         for name, zeros in native.checkpoint.read(names).items():
@@ -275,6 +282,36 @@ def check_exportable(native: Native, fmt: str) -> None:
                 )
 
 
+def check_awq(native: Native) -> None:
+    """AWQ's GEMM format: 4-bit codes, groups of consecutive columns, 8 outputs per word."""
+    if native.bits != 4 or native.group_size == 0:
+        grid = f"{native.bits}-bit {'per-channel' if native.group_size == 0 else f'g{native.group_size}'}"
+        raise LaminaError(f"AWQ's format holds 4-bit grouped weights, not this artifact's {grid} grid")
+    bad = [lin for lin in native.linears if native.has_g_idx(lin)]
+    if bad:
+        raise LaminaError(
+            f"AWQ's format cannot hold a g_idx (act-order groups in solve order, or a partial last group), used by "
+            f"{len(bad)} linears, e.g. {bad[0]}; quantize with scheme.static_groups: true or algorithm: awq"
+        )
+    narrow = [lin for lin in native.linears if native.checkpoint.entry(f"{lin}.qweight").shape[0] % 8]
+    if narrow:
+        out = native.checkpoint.entry(f"{narrow[0]}.qweight").shape[0]
+        raise LaminaError(f"AWQ's format packs 8 outputs per word: {narrow[0]} has {out}, not a multiple of 8")
+
+
+def awq_config(native: Native) -> dict:
+    """quantization_config as transformers' AwqConfig and vLLM's AWQ read it (GEMM kernels)."""
+    head = layout_for(native.checkpoint.config).lm_head.removesuffix(".weight")
+    return {
+        "quant_method": "awq",
+        "version": "gemm",
+        "bits": native.bits,
+        "group_size": native.group_size,
+        "zero_point": True,  # the grid's zero points are stored as they are, symmetric grids' too
+        "modules_to_not_convert": [head, *native.kept],
+    }
+
+
 def linear_tensors(native: Native, fmt: str, tensors: dict[str, torch.Tensor], linear: str) -> dict[str, torch.Tensor]:
     """One quantized linear in the export's layout, by suffix."""
     if fmt == "aqlm":
@@ -283,6 +320,8 @@ def linear_tensors(native: Native, fmt: str, tensors: dict[str, torch.Tensor], l
         parts = {s: tensors[f"{linear}.{s}"] for s in VECTOR if f"{linear}.{s}" in tensors}
         return vptq_tensors(VectorWeight.from_tensors(parts, native.vector), model_dtype(native))
     qw = quantized_weight(native, tensors, linear)
+    if fmt == "awq":
+        return awq_tensors(qw)
     return gptq_tensors(qw) if fmt == "gptq" else compressed_tensors_tensors(qw, sym=native.sym)
 
 
@@ -308,6 +347,8 @@ def quantization_config(native: Native, fmt: str) -> dict:
             for lin in native.linears
         }
         return vptq_config(layers, unquantized=(head, *native.kept))
+    if fmt == "awq":
+        return awq_config(native)
     return gptq_config(native) if fmt == "gptq" else compressed_tensors_config(native)
 
 

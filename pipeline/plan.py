@@ -198,18 +198,21 @@ def _check_exports(recipe: Recipe) -> None:
         if scheme.algorithm == "quip":
             raise LaminaError(f"{where}: scheme.algorithm quip {NO_QUIP_EXPORT}")
         fits = {"aqlm": "codebooks: export format aqlm", "vptq": "vectors: export format vptq"}
-        wanted = {"aqlm": ("aqlm",), "vptq": ("vptq",)}.get(scheme.algorithm, ("gptq", "compressed-tensors"))
+        uniform = ("gptq", "compressed-tensors", "awq")
+        wanted = {"aqlm": ("aqlm",), "vptq": ("vptq",)}.get(scheme.algorithm, uniform)
         if target.format not in wanted:
-            fits = fits.get(scheme.algorithm, "a uniform grid: gptq or compressed-tensors")
+            fits = fits.get(scheme.algorithm, "a uniform grid: gptq, compressed-tensors or awq")
             raise LaminaError(
                 f"{where}: format {target.format} cannot hold scheme.algorithm {scheme.algorithm} ({fits})"
             )
         g_idx = scheme.algorithm == "gptq" and scheme.act_order and not scheme.static_groups
-        if target.format == "compressed-tensors" and g_idx:
+        if target.format in ("compressed-tensors", "awq") and g_idx:
             raise LaminaError(
-                f"{where}: compressed-tensors cannot hold act-order groups in solve order (g_idx); "
+                f"{where}: {target.format} cannot hold act-order groups in solve order (g_idx); "
                 "set scheme.static_groups: true, or export format gptq"
             )
+        if target.format == "awq" and (scheme.bits != 4 or scheme.group_size == 0):
+            raise LaminaError(f"{where}: awq holds 4-bit grouped weights; set scheme.bits: 4 and a group_size")
 
 
 def _calibration(recipe: Recipe) -> np.ndarray | None:

@@ -415,7 +415,7 @@ class Experts(Strict):
 class Export(Strict):
     """A copy of the published artifact in a layout serving engines load."""
 
-    format: Literal["gptq", "compressed-tensors", "aqlm", "vptq"]
+    format: Literal["gptq", "compressed-tensors", "awq", "aqlm", "vptq"]
     output: str = Field(description="URI of the export (a new folder)")
 
 
