@@ -326,7 +326,9 @@ class Run:
             return
         self.timed("solve", done)
         chosen = {g: v for part in cluster.get(self.ray, found) for g, v in part.items()}
-        scales = {g: {"alpha": a, "loss_ratio": round(r, 6)} for g, (_, a, r) in sorted(chosen.items())}
+        scales = {
+            g: {"alpha": a} | ({} if r is None else {"loss_ratio": round(r, 6)}) for g, (_, a, r) in chosen.items()
+        }
         self.events.emit("block_smoothed", block=block, method=method, groups=scales)
 
     def solve(

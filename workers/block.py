@@ -526,10 +526,10 @@ class BlockRunner:
         method: str,
         config: object,
         scheme: Format,
-    ) -> dict[str, tuple[np.ndarray, float | None, float]]:
+    ) -> dict[str, tuple[np.ndarray, float | None, float | None]]:
         """The input scale of each named group of the loaded block that `method` smooths:
-        {group: (s [in], alpha (None: no scaling was best), the group's loss at s relative
-        to no scaling)}. AWQ searches
+        {group: (s [in], alpha (None: no scaling was best), AWQ's loss at s relative to no
+        scaling (None for SmoothQuant, which does not measure one))}. AWQ searches
         it (algorithms.awq.search_scale); SmoothQuant computes it with the recipe's alpha."""
         if block != self.index:
             raise RuntimeError(f"asked to smooth block {block}, but block {self.index} is loaded")
@@ -543,11 +543,11 @@ class BlockRunner:
                 out[group] = (found.scale.numpy(), found.alpha, found.loss_ratio)
             else:
                 s = smoothing_scale(torch.from_numpy(hessians[group + MAXIMA]), Ws, float(config))
-                out[group] = (s.numpy(), float(config), 1.0)
+                out[group] = (s.numpy(), float(config), None)
         return out
 
     @torch.inference_mode()
-    def smooth(self, block: int, method: str, *found: dict[str, tuple[np.ndarray, float | None, float]]) -> int:
+    def smooth(self, block: int, method: str, *found: dict[str, tuple[np.ndarray, float | None, float | None]]) -> int:
         """Fold each group's scale s into the loaded block: its linears' columns times s, the
         op before it (a norm's weight, a linear's rows and bias) divided by s, in the
         stored tensors (their dtype) and in the layer alike; the solves then see the
