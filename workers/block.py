@@ -533,14 +533,15 @@ class BlockRunner:
         it (algorithms.awq.search_scale); SmoothQuant computes it with the recipe's alpha."""
         if block != self.index:
             raise RuntimeError(f"asked to smooth block {block}, but block {self.index} is loaded")
-        out = {}
+        out, device = {}, self.solve_device  # AWQ's search runs where the solves do
         for group in (g for g in groups if g in self.smoothable(method)):
             Ws = [self.layer.get_submodule(name).weight.detach() for name in self.layout.members(group)]
             if method == "awq":
-                H = scaled_hessian(hessians, group, tokens)
-                x_mean = torch.from_numpy(hessians[group + ABSMEAN]) / tokens
-                found = search_scale(Ws, H, x_mean, scheme, config)
-                out[group] = (found.scale.numpy(), found.alpha, found.loss_ratio)
+                H = scaled_hessian(hessians, group, tokens).to(device)
+                x_mean = torch.from_numpy(hessians[group + ABSMEAN]).to(device) / tokens
+                with torch.device(device):
+                    found = search_scale([w.to(device) for w in Ws], H, x_mean, scheme, config)
+                out[group] = (found.scale.cpu().numpy(), found.alpha, found.loss_ratio)
             else:
                 s = smoothing_scale(torch.from_numpy(hessians[group + MAXIMA]), Ws, float(config))
                 out[group] = (s.numpy(), float(config), None)
