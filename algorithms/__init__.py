@@ -16,6 +16,7 @@ import torch
 from algorithms.aqlm import AQLMConfig, aqlm
 from algorithms.awq import AWQConfig, awq
 from algorithms.codebook import CodebookScheme, CodebookWeight
+from algorithms.floatq import FloatScheme, FloatWeight, from_uniform, rtn_float
 from algorithms.gptq import GPTQConfig, Prepared, gptq, prepare
 from algorithms.quip import QuipConfig, QuipScheme, QuipWeight, quip
 from algorithms.quip import prepare as quip_prepare
@@ -24,19 +25,34 @@ from algorithms.types import QuantizedWeight, UniformScheme
 from algorithms.vector import VectorScheme, VectorWeight
 from algorithms.vptq import VPTQConfig, vptq
 
+INT8_GRID = UniformScheme(bits=8, group_size=0, sym=True)  # the int8 W8A8 weights' grid: from_uniform converts it
+
 
 def _rtn(
-    W: torch.Tensor, H: torch.Tensor | None, scheme: UniformScheme, options: GPTQConfig, prepared: object = None
-) -> QuantizedWeight:
+    W: torch.Tensor,
+    H: torch.Tensor | None,
+    scheme: UniformScheme | FloatScheme,
+    options: GPTQConfig,
+    prepared: object = None,
+) -> QuantizedWeight | FloatWeight:
+    if isinstance(scheme, FloatScheme):  # fp8, nvfp4, int8 (algorithms.floatq)
+        return rtn_float(W, H, scheme, options, prepared)
     return rtn(W, scheme, mse=options.mse)
 
 
 def _gptq(
-    W: torch.Tensor, H: torch.Tensor | None, scheme: UniformScheme, options: GPTQConfig, prepared: object = None
-) -> QuantizedWeight:
+    W: torch.Tensor,
+    H: torch.Tensor | None,
+    scheme: UniformScheme | FloatScheme,
+    options: GPTQConfig,
+    prepared: object = None,
+) -> QuantizedWeight | FloatWeight:
     if H is None:
         raise ValueError("gptq needs the layer's input Hessian")
-    return gptq(W, H, scheme, options, prepared if isinstance(prepared, Prepared) else None)
+    prepared = prepared if isinstance(prepared, Prepared) else None
+    if isinstance(scheme, FloatScheme):  # W8A8: GPTQ on the symmetric 8-bit per-channel grid, stored as int8
+        return from_uniform(gptq(W, H, INT8_GRID, options, prepared), scheme)
+    return gptq(W, H, scheme, options, prepared)
 
 
 def _awq(
@@ -71,8 +87,8 @@ def _quip(
     return quip(W, H, scheme, options, prepared)
 
 
-Format = UniformScheme | CodebookScheme | VectorScheme | QuipScheme  # how a quantized weight is stored
-Weight = QuantizedWeight | CodebookWeight | VectorWeight | QuipWeight
+Format = UniformScheme | CodebookScheme | VectorScheme | QuipScheme | FloatScheme  # how a quantized weight is stored
+Weight = QuantizedWeight | CodebookWeight | VectorWeight | QuipWeight | FloatWeight
 Quantizer = Callable[..., Weight]
 
 # awq: its scaled weights clipped and rounded (algorithms.awq); smoothquant: its smoothed
@@ -97,6 +113,8 @@ PREPARERS: dict[str, Callable[[torch.Tensor, object], object]] = {
 
 def weight_from_tensors(tensors: dict[str, torch.Tensor], fmt: Format) -> Weight:
     """A stored linear's tensors (by suffix) as its weight type."""
+    if isinstance(fmt, FloatScheme):
+        return FloatWeight.from_tensors(tensors, fmt)
     if isinstance(fmt, QuipScheme):
         return QuipWeight.from_tensors(tensors, fmt)
     if isinstance(fmt, VectorScheme):
@@ -114,6 +132,8 @@ __all__ = [
     "AWQConfig",
     "CodebookScheme",
     "CodebookWeight",
+    "FloatScheme",
+    "FloatWeight",
     "Format",
     "GPTQConfig",
     "QuantizedWeight",

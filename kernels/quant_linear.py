@@ -1,7 +1,7 @@
 """nn.Linear replacements that store a quantized weight and run it through one of the
 low-bit kernels (kernels/backends.py): QuantLinear for the uniform format, CodebookLinear
-for the codebook format, VectorLinear for the vector format; `quant_linear` builds the
-right one for a weight."""
+for the codebook format, VectorLinear for the vector format, FloatLinear for the float and
+W8A8 formats; `quant_linear` builds the right one for a weight."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from algorithms.codebook import CodebookWeight
+from algorithms.float_activations import quantize_activations
+from algorithms.floatq import ActivationScheme, FloatWeight
 from algorithms.quip import QuipScheme, QuipWeight
 from algorithms.types import QuantizedWeight
 from algorithms.vector import VectorScheme, VectorWeight
@@ -211,11 +213,70 @@ class IncoherentLinear(_SchemeLinear):
         return triton_quip
 
 
+class FloatLinear(_SchemeLinear):
+    """The float and W8A8 formats (algorithms/floatq.py): buffers named as compressed-tensors
+    names them (`weight` or `weight_packed`, `weight_scale`, ...). `reference` quantizes the
+    activations (when the scheme does) and multiplies them with the dequantized weight;
+    `cpu` runs torch's int8 / fp8 matmuls where they apply (kernels/floatq_cpu.py). There is
+    no GPU kernel yet: on CUDA the reference path runs."""
+
+    weight_type, marker = FloatWeight, "weight_scale"
+
+    def backend(self, device: torch.device | None = None) -> Backend:
+        chosen = super().backend(device)
+        return "reference" if chosen == "triton" else chosen
+
+    def _kernel(self, backend: Backend):
+        from kernels import floatq_cpu
+
+        return floatq_cpu
+
+    def dense(self) -> nn.Linear:
+        """The dense equivalent: an nn.Linear holding the dequantized weight that still
+        quantizes its input as this layer does (ActQuantLinear), so that a block run
+        through it sees the W8A8 / W4A4 numbers."""
+        layer = super().dense()
+        fw = self.quantized
+        if fw.scheme.activations is None:
+            return layer
+        return ActQuantLinear(layer.weight, layer.bias, fw.scheme.activations, fw.activation_scale)
+
+
+class ActQuantLinear(nn.Linear):
+    """nn.Linear whose input is quantized first (algorithms/float_activations.py): the same
+    outputs as FloatLinear's reference path, without dequantizing the weight per call."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        activations: ActivationScheme,
+        act_scale: torch.Tensor | None,
+    ):
+        out_features, in_features = weight.shape
+        super().__init__(in_features, out_features, bias=bias is not None, device="meta")
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            self.bias = nn.Parameter(bias, requires_grad=False)
+        self.activations = activations
+        self.register_buffer("act_scale", act_scale)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = quantize_activations(x, self.activations, self.act_scale)
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, activations={self.activations.name}"
+
+
 def quant_linear(
-    weight: QuantizedWeight | CodebookWeight | VectorWeight | QuipWeight,
+    weight: QuantizedWeight | CodebookWeight | VectorWeight | QuipWeight | FloatWeight,
     bias: torch.Tensor | None = None,
     backend: Requested = "reference",
-) -> QuantLinear | CodebookLinear | VectorLinear | IncoherentLinear:
+) -> QuantLinear | CodebookLinear | VectorLinear | IncoherentLinear | FloatLinear:
+    if isinstance(weight, FloatWeight):
+        return FloatLinear(weight, bias, backend)
     if isinstance(weight, QuipWeight):
         return IncoherentLinear(weight, bias, backend)
     if isinstance(weight, VectorWeight):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from algorithms import hadamard
+from algorithms import floatq, hadamard
 from algorithms.codebook import CodebookWeight, decode
+from algorithms.float_activations import quantize_activations
+from algorithms.floatq import FloatWeight
 from algorithms.packing import unpack
 from algorithms.quip import QuipWeight, rotated
 from algorithms.quip import decode as decode_quip
@@ -13,13 +15,16 @@ from algorithms.types import QuantizedWeight
 from algorithms.vector import VectorWeight
 from algorithms.vector import decode as decode_vectors
 
-Weight = QuantizedWeight | CodebookWeight | VectorWeight | QuipWeight
+Weight = QuantizedWeight | CodebookWeight | VectorWeight | QuipWeight | FloatWeight
 
 
 def dequantize(qw: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The weight [out, in]. Uniform: W = scale[g(j)] * (q[j] - zero[g(j)]) with
     g(j) = g_idx[j], or j // group_size when there is no g_idx. Codebook: see
-    algorithms.codebook.decode. Vector: algorithms.vector.decode. QuIP: algorithms.quip.decode."""
+    algorithms.codebook.decode. Vector: algorithms.vector.decode. QuIP: algorithms.quip.decode.
+    Float (fp8, int8, nvfp4): algorithms.floatq.dequantize."""
+    if isinstance(qw, FloatWeight):
+        return floatq.dequantize(qw, dtype)
     if isinstance(qw, QuipWeight):
         return decode_quip(qw, dtype)
     if isinstance(qw, VectorWeight):
@@ -37,9 +42,12 @@ def dequantize(qw: Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, qw: Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] -> [..., out] through the dequantized weight (QuIP: through its rotations)."""
+    """x [..., in] -> [..., out] through the dequantized weight (QuIP: through its rotations;
+    float schemes with activation quantization: of the quantized activations)."""
     if isinstance(qw, QuipWeight):
         return incoherent_linear(x, qw, bias)
+    if isinstance(qw, FloatWeight) and qw.scheme.activations is not None:
+        x = quantize_activations(x, qw.scheme.activations, qw.activation_scale)
     return torch.nn.functional.linear(x, dequantize(qw, x.dtype), bias)
 
 

@@ -44,10 +44,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from pipeline.export import export
 
-    report = export(args.artifact, args.format, args.dest, progress=not args.quiet)
+    report = export(args.artifact, args.format, args.dest, progress=not args.quiet, gguf_type=args.gguf_type)
     rows = [
         ("export", report.output),
         ("format", report.format),
+        *(("file", name) for name in report.files if name.endswith(".gguf")),
         ("quantized linears", str(report.linears)),
         ("size", size(report.nbytes)),
         ("seconds", f"{report.seconds:.1f}"),
@@ -306,7 +307,11 @@ def parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_quantize)
     x = sub.add_parser("export", help="write a published artifact in a format serving engines load")
     x.add_argument("artifact")
-    x.add_argument("--format", required=True, choices=["gptq", "compressed-tensors", "awq", "aqlm", "vptq"])
+    x.add_argument("--format", required=True, choices=["gptq", "compressed-tensors", "awq", "aqlm", "vptq", "gguf"])
+    x.add_argument(
+        "--gguf-type",
+        help="llama.cpp file type of a gguf export: F16, Q8_0, Q6_K, Q5_K_M, Q4_K_M (default) or Q4_0",
+    )
     x.add_argument("dest")
     x.set_defaults(func=cmd_export)
     e = sub.add_parser("eval", help="perplexity of an artifact (and of its source) on held-out text")

@@ -87,6 +87,8 @@ NATIVE_FORMATS = {"quip": "incoherent", "vptq": "vector", "aqlm": "codebook"}  #
 
 def quantization_config(recipe: Recipe) -> dict:
     s = recipe.scheme
+    if s.float_preset:
+        return {"quant_method": "lamina", "algorithm": s.algorithm, **s.format.fields(), "recipe_hash": recipe.hash()}
     if s.algorithm in NATIVE_FORMATS:
         return {
             "quant_method": "lamina",
@@ -255,7 +257,8 @@ class Run:
 
     def hessians(self, groups: list[str] | None) -> object:
         """A reference to the block's Hessians, folded on the first worker; never fetched here."""
-        channels = self.plan.recipe.scheme.smoothing is not None  # AWQ / SmoothQuant also scale by |x| per channel
+        scheme = self.plan.recipe.scheme  # AWQ, SmoothQuant and static activation scales need |x| per channel
+        channels = scheme.smoothing is not None or getattr(scheme.format, "static_activations", False)
         parts = [r.calibrate.remote(self.chunks, groups, None, channels) for r in self.runners]
         folded = self.runners[0].reduce.remote(self.chunks, *parts)
         start = time.perf_counter()
@@ -384,7 +387,9 @@ class Run:
             if n < len(stages) - 1:
                 self.timed("calibrate", [r.install.remote(scheme.format, *solved) for r in self.runners])
                 installed = len(solved_all)
-        written = self.runners[0].write_block.remote(self.stage.uri, self.shards[block.index], *solved_all)
+        written = self.runners[0].write_block.remote(
+            self.stage.uri, self.shards[block.index], *solved_all, fmt=scheme.format
+        )
         last = block.index == len(plan.blocks) - 1
         propagated = []
         if plan.needs_calibration and not last:
@@ -453,7 +458,9 @@ class Run:
                 w.handle.load_block.remote(block.index)
                 self.smooth(block.index, hessians[block.index], [w.handle], wait=False)
                 solved = self.solve(block.index, self.tasks(block), hessians[block.index], [w.handle], rtn[block.index])
-                pending[w.handle.write_block.remote(self.stage.uri, self.shards[block.index], *solved)] = (block, w)
+                fmt = self.plan.recipe.scheme.format
+                written = w.handle.write_block.remote(self.stage.uri, self.shards[block.index], *solved, fmt=fmt)
+                pending[written] = (block, w)
         while pending:
             ready, _ = self.ray.wait(list(pending), num_returns=1)
             block, w = pending.pop(ready[0])
@@ -563,7 +570,10 @@ def staged_run(recipe: Recipe, *, lease: Lease, progress: bool = True) -> Run:
 
 def write_exports(recipe: Recipe, run: Run, *, progress: bool = True) -> None:
     for target in recipe.export:
-        run.report.exports.append(export(run.plan.output_uri, target.format, target.output, progress=progress).output)
+        report = export(
+            run.plan.output_uri, target.format, target.output, progress=progress, gguf_type=target.gguf_type
+        )
+        run.report.exports.append(report.output)
 
 
 def quantize(recipe: Recipe, *, progress: bool = True) -> RunReport:

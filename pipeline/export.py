@@ -15,6 +15,8 @@ import torch
 from tqdm import tqdm
 
 from algorithms.codebook import CodebookScheme, CodebookWeight
+from algorithms.float_formats import compressed_tensors_float_config, compressed_tensors_float_tensors
+from algorithms.floatq import FloatScheme, FloatWeight
 from algorithms.formats import (
     aqlm_config,
     aqlm_tensors,
@@ -38,7 +40,7 @@ from storage.manifest import MANIFEST, read_manifest
 from storage.staging import claim, publish, staging
 from storage.writer import FileRecord, put_bytes, put_json, put_tensors
 
-FORMATS = ("gptq", "compressed-tensors", "awq", "aqlm", "vptq")
+FORMATS = ("gptq", "compressed-tensors", "awq", "aqlm", "vptq", "gguf")
 NO_QUIP_EXPORT = (  # why neither a QuIP recipe nor a QuIP artifact can be exported
     "has no export format here: QuIP#'s own loader needs its CUDA kernels; serve the native artifact with "
     "lamina's kernels"
@@ -47,12 +49,19 @@ EXPORTS = {  # by native format
     "uniform": ("gptq", "compressed-tensors", "awq"),
     "codebook": ("aqlm",),
     "vector": ("vptq",),
+    "float": ("compressed-tensors",),
 }
-MARKER = {"uniform": "qweight", "codebook": "codes", "vector": "indices"}  # the suffix that marks a quantized linear
+MARKER = {  # the suffix that marks a quantized linear
+    "uniform": "qweight",
+    "codebook": "codes",
+    "vector": "indices",
+    "float": "weight_scale",
+}
 SAFETENSORS = {torch.float16: "F16", torch.int16: "I16", torch.int32: "I32"}  # safetensors names the vector dtypes so
 QUANTIZED = ("qweight", "scales", "qzeros", "g_idx")  # the native suffixes of a uniform linear
 CODEBOOK = ("codes", "codebooks", "scales")  # the native suffixes of a codebook linear
-Scheme = CodebookScheme | VectorScheme  # the formats whose scheme quantization_config names in fields
+FLOAT = ("weight", "weight_packed", "weight_scale", "weight_global_scale", "input_scale", "input_global_scale")
+Scheme = CodebookScheme | VectorScheme | FloatScheme  # the formats whose scheme quantization_config names in fields
 
 
 @dataclass
@@ -79,6 +88,7 @@ class Native:
     sym: bool = True
     codebook: CodebookScheme | None = None  # codebook: the scheme of every quantized linear
     vector: VectorScheme | None = None  # vector: likewise
+    float: FloatScheme | None = None  # float: likewise
 
     @property
     def scheme(self) -> dict:
@@ -100,7 +110,7 @@ def open_native(uri: str) -> Native:
         raise LaminaError(f"{uri}: an artifact of the incoherent (QuIP) format, which {NO_QUIP_EXPORT}")
     if qc.get("quant_method") != "lamina" or fmt not in EXPORTS or qc.get("out_group_size", 1) != 1:
         raise LaminaError(
-            f"{uri}: not a lamina artifact of the uniform, codebook or vector format "
+            f"{uri}: not a lamina artifact of the uniform, codebook, vector or float format "
             f"(quantization_config {qc or 'missing'})"
         )
     marker = f".{MARKER[fmt]}"
@@ -112,11 +122,14 @@ def open_native(uri: str) -> Native:
         for i in blocks
         for lin in layout.linears
         if f"{layout.block(i)}{lin}.weight" in checkpoint.weight_map
+        and f"{layout.block(i)}{lin}{marker}" not in checkpoint.weight_map  # the float format's weight is quantized
     )
     if fmt == "codebook":
         return Native(checkpoint, manifest, fmt, linears, kept, codebook=native_scheme(uri, fmt, qc, CodebookScheme))
     if fmt == "vector":
         return Native(checkpoint, manifest, fmt, linears, kept, vector=native_scheme(uri, fmt, qc, VectorScheme))
+    if fmt == "float":
+        return Native(checkpoint, manifest, fmt, linears, kept, float=native_scheme(uri, fmt, qc, FloatScheme))
     bits, group_size, sym = int(qc["bits"]), int(qc["group_size"]), bool(qc["sym"])
     return Native(checkpoint, manifest, fmt, linears, kept, bits=bits, group_size=group_size, sym=sym)
 
@@ -319,6 +332,9 @@ def linear_tensors(native: Native, fmt: str, tensors: dict[str, torch.Tensor], l
     if fmt == "vptq":
         parts = {s: tensors[f"{linear}.{s}"] for s in VECTOR if f"{linear}.{s}" in tensors}
         return vptq_tensors(VectorWeight.from_tensors(parts, native.vector), model_dtype(native))
+    if native.format == "float":
+        parts = {s: tensors[f"{linear}.{s}"] for s in FLOAT if f"{linear}.{s}" in tensors}
+        return compressed_tensors_float_tensors(FloatWeight.from_tensors(parts, native.float))
     qw = quantized_weight(native, tensors, linear)
     if fmt == "awq":
         return awq_tensors(qw)
@@ -349,11 +365,18 @@ def quantization_config(native: Native, fmt: str) -> dict:
         return vptq_config(layers, unquantized=(head, *native.kept))
     if fmt == "awq":
         return awq_config(native)
+    if native.format == "float":
+        return compressed_tensors_float_config(native.float, ignore=(head, *native.kept))
     return gptq_config(native) if fmt == "gptq" else compressed_tensors_config(native)
 
 
-def export(artifact: str, fmt: str, dest: str, *, progress: bool = True) -> ExportReport:
-    """Write the published artifact at `artifact` to `dest` in format `fmt`, shard by shard."""
+def export(artifact: str, fmt: str, dest: str, *, progress: bool = True, gguf_type: str | None = None) -> ExportReport:
+    """Write the published artifact at `artifact` to `dest` in format `fmt`, shard by shard
+    (gguf: one file of llama.cpp file type `gguf_type`, see pipeline.gguf_export)."""
+    if fmt == "gguf":
+        return export_gguf(artifact, dest, gguf_type=gguf_type, progress=progress)
+    if gguf_type is not None:
+        raise LaminaError(f"a GGUF type ({gguf_type}) applies to the gguf format only, not {fmt}")
     start = time.perf_counter()
     native = open_native(artifact)
     check_exportable(native, fmt)
@@ -395,3 +418,15 @@ def export(artifact: str, fmt: str, dest: str, *, progress: bool = True) -> Expo
     )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def export_gguf(artifact: str, dest: str, *, gguf_type: str | None, progress: bool) -> ExportReport:
+    """GGUF export, imported only when asked for: it needs the optional `gguf` package, and
+    builds on this module."""
+    try:
+        from pipeline import gguf_export
+    except ModuleNotFoundError as e:
+        if e.name != "gguf":
+            raise
+        raise LaminaError("GGUF export needs the gguf package: pip install 'lamina[gguf]'") from None
+    return gguf_export.export_gguf(artifact, dest, gguf_type=gguf_type or gguf_export.DEFAULT_TYPE, progress=progress)

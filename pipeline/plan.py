@@ -122,7 +122,7 @@ def _packing(recipe: Recipe, blocks: tuple[BlockPlan, ...], layout: BlockLayout)
 
     def words(lin: LinearPlan) -> bool:
         e8p = scheme.algorithm == "quip" and scheme.format.codebook == "e8p"
-        return scheme.codebook or e8p or lin.in_features % per_run == 0
+        return scheme.codebook or e8p or bool(scheme.float_preset) or lin.in_features % per_run == 0
 
     def misfit(lin: LinearPlan) -> str | None:
         """VPTQ, QuIP: why the scheme does not fit the linear's shape (None: it does)."""
@@ -135,6 +135,8 @@ def _packing(recipe: Recipe, blocks: tuple[BlockPlan, ...], layout: BlockLayout)
         return None
 
     def groups(lin: LinearPlan) -> bool:
+        if scheme.float_preset:
+            return scheme.format.misfit(lin.out_features, lin.in_features) is None
         if scheme.algorithm in ("vptq", "quip"):
             return misfit(lin) is None
         if scheme.codebook:
@@ -195,8 +197,18 @@ def _check_exports(recipe: Recipe) -> None:
             raise LaminaError(f"{where}: the export needs its own folder, not the artifact's output")
         if open_location(target.output).exists(MANIFEST):
             raise LaminaError(f"{where}: already holds a published artifact; choose a new URI")
+        if target.format == "gguf":  # holds the dequantized weights of any scheme: only the model can be refused
+            _check_gguf(recipe.model, where)
+            continue
         if scheme.algorithm == "quip":
             raise LaminaError(f"{where}: scheme.algorithm quip {NO_QUIP_EXPORT}")
+        if scheme.float_preset:
+            if target.format != "compressed-tensors":
+                raise LaminaError(
+                    f"{where}: format {target.format} cannot hold preset {scheme.float_preset} (export format "
+                    "compressed-tensors, or gguf)"
+                )
+            continue
         fits = {"aqlm": "codebooks: export format aqlm", "vptq": "vectors: export format vptq"}
         uniform = ("gptq", "compressed-tensors", "awq")
         wanted = {"aqlm": ("aqlm",), "vptq": ("vptq",)}.get(scheme.algorithm, uniform)
@@ -215,12 +227,33 @@ def _check_exports(recipe: Recipe) -> None:
             raise LaminaError(f"{where}: awq holds 4-bit grouped weights; set scheme.bits: 4 and a group_size")
 
 
+def _check_gguf(model: str, where: str) -> None:
+    """The source's architecture and tokenizer, which GGUF export checks again when it runs."""
+    try:
+        from pipeline.gguf_export import preflight
+    except ModuleNotFoundError as e:
+        if e.name != "gguf":
+            raise
+        raise LaminaError(f"{where}: GGUF export needs the gguf package: pip install 'lamina[gguf]'") from None
+    try:
+        preflight(model)
+    except LaminaError as e:
+        raise LaminaError(f"{where}: {e}") from None
+
+
 def _calibration(recipe: Recipe) -> np.ndarray | None:
-    if not NEEDS_HESSIAN[recipe.scheme.algorithm]:
+    static = getattr(recipe.scheme.format, "static_activations", False)  # their scales come from calibration
+    if not (NEEDS_HESSIAN[recipe.scheme.algorithm] or static):
         return None
     cal = recipe.calibration
     if cal is None:
-        raise LaminaError(f"calibration: required by scheme.algorithm {recipe.scheme.algorithm!r}")
+        scheme = recipe.scheme
+        why = (
+            f"the static activation scales of scheme.preset {scheme.preset}"
+            if static
+            else f"scheme.algorithm {scheme.algorithm!r}"
+        )
+        raise LaminaError(f"calibration: required by {why}")
     stream = token_stream(
         uri=cal.source, pattern=cal.glob, tokenizer=load_tokenizer(recipe.model), needed=cal.tokens, what="calibration"
     )

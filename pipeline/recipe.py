@@ -24,6 +24,7 @@ from algorithms import (
     VectorScheme,
     VPTQConfig,
 )
+from algorithms.floatq import PRESETS as FLOAT_PRESETS
 from pipeline.errors import LaminaError
 from storage.options import literal_secrets
 
@@ -272,17 +273,38 @@ class Scheme(Strict):
 
     smoothquant: SmoothQuantOptions | None = Field(None, description="SmoothQuant's alpha (algorithm: smoothquant)")
 
+    preset: Literal["fp8", "fp8-dynamic", "w8a8", "nvfp4", "nvfp4a16"] | None = Field(
+        None,
+        description="store the weights (and quantize the activations) as this compressed-tensors preset instead of "
+        "the uniform grid: fp8 (per-tensor weights, static per-tensor activations), fp8-dynamic (per-channel, "
+        "per-token), w8a8 (int8 per-channel, int8 per-token), nvfp4 (FP4 in groups of 16, W4A4), nvfp4a16 "
+        "(weights only); algorithm smoothquant defaults to w8a8",
+    )
+
     @model_validator(mode="after")
     def _options_need_their_algorithm(self) -> Scheme:
         for name in OPTIONED:
             if getattr(self, name) is not None and self.algorithm != name:
                 raise ValueError(f"{name} options are set but algorithm is {self.algorithm}: set algorithm: {name}")
+        if self.preset is not None or self.algorithm == "smoothquant":
+            self._preset_fits()
         if self.smoothing and self.true_sequential:
             raise ValueError(
                 f"true_sequential cannot be used with algorithm {self.algorithm}: its scales move between a "
                 "block's linears (v into o, up into down), so the block is solved at once"
             )
         return self
+
+    def _preset_fits(self) -> None:
+        preset = self.float_preset
+        if self.algorithm not in PRESET_ALGORITHMS[preset]:
+            allowed = " or ".join(PRESET_ALGORITHMS[preset])
+            raise ValueError(f"preset {preset} is solved by algorithm {allowed}, not {self.algorithm}")
+
+    @property
+    def float_preset(self) -> str | None:
+        """The compressed-tensors preset the linears are stored in (None: the recipe's grid)."""
+        return self.preset or ("w8a8" if self.algorithm == "smoothquant" else None)
 
     @property
     def smoothing(self) -> tuple[str, object] | None:
@@ -297,7 +319,10 @@ class Scheme(Strict):
     @property
     def piece_rows(self) -> int:
         """solve_rows as the pieces are cut: VPTQ's rounded down to a multiple of its vector
-        lengths (at least one), since a vector never spans two pieces."""
+        lengths (at least one), since a vector never spans two pieces; a float preset's
+        linears whole (per-tensor and global scales span all rows)."""
+        if self.float_preset:
+            return 0
         if self.algorithm != "vptq" or not self.solve_rows:
             return self.solve_rows
         v = self.format
@@ -313,6 +338,8 @@ class Scheme(Strict):
     def format(self) -> Format:
         """How the quantized linears are stored: the uniform grid, AQLM's codebooks, VPTQ's
         vectors or QuIP's rotated codes."""
+        if self.float_preset:
+            return FLOAT_PRESETS[self.float_preset]
         if self.algorithm == "quip":
             o = self.quip or QuipOptions()
             if o.codebook == "e8p":  # 2 bits, a scale per row: the grid's fields do not apply
@@ -350,6 +377,13 @@ class Scheme(Strict):
 
 
 OPTIONED = ("aqlm", "vptq", "quip", "awq", "smoothquant")  # the algorithms with their own options
+PRESET_ALGORITHMS = {  # which solves give each preset's weights: fp8 / nvfp4 round to nearest; int8 also GPTQ
+    "fp8": ("rtn", "smoothquant"),
+    "fp8-dynamic": ("rtn", "smoothquant"),
+    "w8a8": ("rtn", "gptq", "smoothquant"),
+    "nvfp4": ("rtn",),
+    "nvfp4a16": ("rtn",),
+}
 
 
 class Resources(Strict):
@@ -415,8 +449,17 @@ class Experts(Strict):
 class Export(Strict):
     """A copy of the published artifact in a layout serving engines load."""
 
-    format: Literal["gptq", "compressed-tensors", "awq", "aqlm", "vptq"]
+    format: Literal["gptq", "compressed-tensors", "awq", "aqlm", "vptq", "gguf"]
     output: str = Field(description="URI of the export (a new folder)")
+    gguf_type: Literal["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0"] | None = Field(
+        None, description="format gguf: llama.cpp's file type (default Q4_K_M)"
+    )
+
+    @model_validator(mode="after")
+    def _gguf_type_for_gguf(self) -> Export:
+        if self.gguf_type is not None and self.format != "gguf":
+            raise ValueError(f"gguf_type applies to format gguf, not {self.format}")
+        return self
 
 
 class Recipe(Strict):
@@ -459,7 +502,7 @@ class Recipe(Strict):
         written, with what resources, how storage is reached, how it is evaluated or exported)."""
         skip = {"output", "resources", "eval", "gates", "storage", "export"}
         doc = self.model_dump(mode="json", exclude={*skip, "calibration"})
-        for added in OPTIONED:  # recipes from before AQLM, VPTQ, QuIP, AWQ and SmoothQuant keep their hash
+        for added in (*OPTIONED, "preset"):  # recipes from before AQLM, ..., the presets keep their hash
             if doc["scheme"][added] is None:
                 del doc["scheme"][added]
         if doc["experts"] is None:  # recipes from before MoE support keep their hash

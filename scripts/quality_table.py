@@ -32,7 +32,8 @@ def value(text: str) -> object:
 
 
 def row(scheme: dict, ppl: float, nbytes: int, seconds: float) -> str:
-    cells = [scheme["algorithm"], scheme["bits"], scheme["group_size"] or "channel", scheme["sym"], scheme["act_order"]]
+    algorithm = scheme["algorithm"] + (f" {scheme['preset']}" if scheme.get("preset") else "")
+    cells = [algorithm, scheme["bits"], scheme["group_size"] or "channel", scheme["sym"], scheme["act_order"]]
     cells += [scheme["static_groups"], scheme["mse"], scheme["true_sequential"], scheme["unpackable"]]
     cells += [f"{ppl:.3f}", f"{nbytes / 2**20:.1f}", f"{seconds:.0f}"]
     return "| " + " | ".join(str(c) for c in cells) + " |"

@@ -247,6 +247,26 @@ class Location:
         self.retrying(f"write {name}", write)
         self.traffic["bytes_written"] += len(data)
 
+    def write_file(self, name: str, local_path: str) -> None:
+        """Upload a local file too large to hold in memory (e.g. a GGUF export), streamed in
+        parts of PART_BYTES (multipart on object stores); a torn upload is sent again. For
+        staging folders: a reader of `name` could see it partly written."""
+        path, size = self.path(name), os.path.getsize(local_path)
+        parent = posixpath.dirname(path)
+
+        def write(_: int) -> None:
+            if parent:
+                self.fs.makedirs(parent, exist_ok=True)
+            with open(local_path, "rb") as src, self.fs.open(path, "wb", block_size=PART_BYTES) as dst:
+                while chunk := src.read(PART_BYTES):
+                    dst.write(chunk)
+            stored = int(self.fs.size(path))
+            if stored != size:
+                raise TornTransferError(f"{name} stored with {stored} of {size} bytes")
+
+        self.retrying(f"write {name}", write)
+        self.traffic["bytes_written"] += size
+
     def copy(self, name: str, to: str, size: int) -> None:
         """Copy a file within the store (server-side on S3 and GCS); check the copy's size."""
         src, dst = self.path(name), self.path(to)

@@ -27,6 +27,7 @@ DTYPES: dict[str, torch.dtype] = {
     "I16": torch.int16,
     "I8": torch.int8,
     "U8": torch.uint8,
+    "F8_E4M3": torch.float8_e4m3fn,  # FP8 and NVFP4 scales (the float format)
     "BOOL": torch.bool,
 }
 MAX_HEADER_BYTES = 100 * 2**20

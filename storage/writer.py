@@ -38,3 +38,14 @@ def put_tensors(uri: str, name: str, tensors: dict[str, torch.Tensor]) -> FileRe
     header's bytes depend on which worker wrote the file."""
     data = save({k: v.contiguous() for k, v in sorted(tensors.items())}, metadata={"format": "pt"})
     return put_bytes(open_location(uri), name, data)
+
+
+def put_file(location: Location, name: str, local_path: str) -> FileRecord:
+    """Upload a local file (one too large to hold in memory), hashed as it is read."""
+    digest, size = hashlib.sha256(), 0
+    with open(local_path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+            size += len(chunk)
+    location.write_file(name, local_path)
+    return FileRecord(name=name, sha256=digest.hexdigest(), size=size)

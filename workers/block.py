@@ -25,6 +25,7 @@ from algorithms import (
     PREPARERS,
     QUANTIZERS,
     CodebookScheme,
+    FloatScheme,
     Format,
     QuipScheme,
     UniformScheme,
@@ -34,6 +35,8 @@ from algorithms import (
 )
 from algorithms.aqlm import LocalPieces as CodebookPieces
 from algorithms.awq import search_scale
+from algorithms.float_activations import static_input_scale
+from algorithms.floatq import shared_global_scale
 from algorithms.hessian import input_gram
 from algorithms.quip import quip_rows, rotated
 from algorithms.smoothquant import smoothing_scale
@@ -67,7 +70,11 @@ def model_config(raw: dict) -> PretrainedConfig:
 
 
 def to_arrays(qw: Weight) -> Arrays:
-    return {k: v.cpu().numpy() for k, v in qw.tensors().items()}
+    """The weight's tensors as numpy arrays: float8 ones as their bit patterns (uint8), which
+    numpy can hold and the weight types view back."""
+    return {
+        k: (v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v).cpu().numpy() for k, v in qw.tensors().items()
+    }
 
 
 def moved(value: object, device: str) -> object:
@@ -93,6 +100,8 @@ def stored_format(qc: dict) -> Format | None:
         return VectorScheme.from_fields(qc)
     if qc.get("format") == "incoherent":
         return QuipScheme.from_fields(qc)
+    if qc.get("format") == "float":
+        return FloatScheme.from_fields(qc)
     return UniformScheme(bits=qc["bits"], group_size=qc["group_size"], sym=qc.get("sym", True))
 
 
@@ -100,8 +109,27 @@ CODEBOOK_OPS = {  # the steps of each fit that run where the pieces are (see alg
     CodebookScheme: ("sample", "initial_books", "assign", "search", "fit_scales", "terms", "losses"),
     VectorScheme: ("column_sums", "prepare", "sample", "initial_books", "quantize"),
 }
-STORED = ("qweight", "scales", "qzeros", "g_idx", "codes", "codebooks", *VECTOR, "qidxs", "su", "sv")  # by suffix
-MARKERS = ("qweight", "codes", "indices", "qidxs")  # the suffix that marks a quantized linear, by format
+FLOAT = ("weight", "weight_packed", "weight_scale", "weight_global_scale", "input_scale", "input_global_scale")
+STORED = (
+    "qweight",
+    "scales",
+    "qzeros",
+    "g_idx",
+    "codes",
+    "codebooks",
+    *VECTOR,
+    "qidxs",
+    "su",
+    "sv",
+    *FLOAT,
+)  # suffixes
+MARKERS = (
+    "qweight",
+    "codes",
+    "indices",
+    "qidxs",
+    "weight_scale",
+)  # the suffix that marks a quantized linear, by format
 
 
 @dataclass(frozen=True)
@@ -130,13 +158,14 @@ def join_rows(solved: tuple[list[Piece], ...]) -> dict[str, Arrays]:
     for linear, pieces in sorted(by_linear.items()):
         pieces.sort(key=lambda p: p[0])
         first = pieces[0][1]
-        rows = ("qweight", "scales", "qzeros", "codes", "qidxs", "su")
+        rows = ("qweight", "scales", "qzeros", "codes", "qidxs", "su", "weight", "weight_packed")
         joined = {k: np.concatenate([a[k] for _, a in pieces]) for k in rows if k in first}
         for k in ("indices", "outlier_indices"):  # the vector format's: [groups, vector rows, ...]
             if k in first:
                 joined[k] = np.concatenate([a[k] for _, a in pieces], axis=1)
         shares = ("g_idx", "codebooks", "centroids", "res_centroids", "outlier_centroids", "perm")
-        for shared in (*shares, "weight_scale", "weight_bias", "sv"):
+        floats = ("weight_global_scale", "input_scale", "input_global_scale")  # a float preset's linears are whole
+        for shared in (*shares, "weight_scale", "weight_bias", "sv", *floats):
             if shared in first:
                 joined[shared] = first[shared]
                 if any(not np.array_equal(a[shared], first[shared]) for _, a in pieces):
@@ -612,12 +641,26 @@ class BlockRunner:
                 with torch.device(where):
                     prepared = {group: moved(PREPARERS[algorithm](H.to(where), opts), device)}
             H = None if H is None else H.to(device)
-            fit = (algorithm, scheme, opts, prepared.get(group))
+            shared = prepared.get(group)
+            if isinstance(scheme, FloatScheme) and scheme.kind == "nvfp4":  # one global scale for what vLLM fuses
+                shared = shared_global_scale([self.layer.get_submodule(n).weight for n in self.layout.members(group)])
+            fit = (algorithm, scheme, opts, shared)
             with torch.device(device):  # what the solve allocates goes where its inputs are
                 arrays = solve_rows(W, first, last, H, *fit, fallback=H is None and hessians is not None)
+            if isinstance(scheme, FloatScheme) and scheme.static_activations:
+                arrays.update(self.activation_scale(hessians, group, scheme))
             out.append((linear, first, arrays))
             log.debug("block %d %s rows %d:%d quantized", self.index, linear, first, last)
         return out
+
+    def activation_scale(self, hessians: Arrays, group: str, scheme: FloatScheme) -> Arrays:
+        """The static activation scale of the group's linears, from the calibration set's max
+        |x| over their (smoothed) inputs: {input_scale | input_global_scale: [1]}."""
+        absmax = torch.from_numpy(hessians[group + MAXIMA])  # [in]
+        if group in self.smoothing:
+            absmax = absmax / self.smoothing[group]
+        name = "input_global_scale" if scheme.kind == "nvfp4" else "input_scale"
+        return {name: static_input_scale(float(absmax.max()), scheme.activations).numpy()}
 
     # ---- codebook fits, split by rows (pipeline/codebook_fit.py drives them) ---------
     @torch.inference_mode()
@@ -695,15 +738,19 @@ class BlockRunner:
             self.hidden[c] = self._run(self.hidden[c])
         self.at = self.index + 1
 
-    def write_block(self, uri: str, file: str, *solved: list[Piece]) -> tuple[FileRecord, list[str], dict[str, float]]:
-        """Write the loaded block with its solved linears as one safetensors shard; returns
-        its record, tensor names and each linear's relative Hessian-weighted error."""
+    def write_block(
+        self, uri: str, file: str, *solved: list[Piece], fmt: Format | None = None
+    ) -> tuple[FileRecord, list[str], dict[str, float]]:
+        """Write the loaded block with its solved linears (in format `fmt`) as one
+        safetensors shard; returns its record, tensor names and each linear's relative
+        Hessian-weighted error."""
         prefix = self.layout.block(self.index)
         done = join_rows(solved)
         replaced = {f"{linear}.weight" for linear in done}  # a solved linear's bias stays as it is
         tensors = {prefix + name: t for name, t in self.raw.items() if name not in replaced}
         for linear, arrays in done.items():
-            tensors.update({f"{prefix}{linear}.{k}": torch.from_numpy(v) for k, v in arrays.items()})
+            stored = from_arrays(arrays, fmt).tensors() if isinstance(fmt, FloatScheme) else arrays  # float8 dtypes
+            tensors.update({f"{prefix}{linear}.{k}": torch.as_tensor(v) for k, v in stored.items()})
         return put_tensors(uri, file, tensors), sorted(tensors), relative_errors(solved)
 
     # ---- whole-model pieces -------------------------------------------------------
