@@ -66,11 +66,9 @@ def linear(x: torch.Tensor, laid: Laid, bias: torch.Tensor | None) -> torch.Tens
 
 
 def _scaled_mm(a: torch.Tensor, b: torch.Tensor, sa: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
-    """fp8 a [m, k] @ b [k, n] with scales: both per tensor (singletons), or else a's per row
-    [m, 1] and b's per column [1, n] (torch takes no mix of the two)."""
+    """fp8 a [m, k] @ b [k, n] with a's scales per row [m, 1] and b's per column [1, n]
+    (per-tensor scales expanded to them: torch 2.13's CPU kernel for two scalar scales
+    took 27 s where the row-wise one took 0.04 s, at 1024 x 576 x 1536 on this machine)."""
     m, n = a.shape[0], b.shape[1]
-    if sa.numel() == 1 and sb.numel() == 1:
-        sa, sb = sa.reshape(()), sb.reshape(())
-    else:
-        sa, sb = sa.reshape(-1, 1).expand(m, 1).contiguous(), sb.reshape(1, -1).expand(1, n).contiguous()
+    sa, sb = sa.reshape(-1, 1).expand(m, 1).contiguous(), sb.reshape(1, -1).expand(1, n).contiguous()
     return torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.float32)
