@@ -281,7 +281,7 @@ def dequantize(data: np.ndarray, qtype: Type) -> torch.Tensor:
         return torch.from_numpy(np.asarray(data, dtype=np.float32).copy())
     nbytes = GGML_QUANT_SIZES[qtype][1]
     rows = data.shape[0]
-    blocks = torch.from_numpy(np.require(data, np.uint8, ['C', 'W'])).reshape(-1, nbytes)  # [n, nbytes]
+    blocks = torch.from_numpy(np.require(data, np.uint8, ["C", "W"])).reshape(-1, nbytes)  # [n, nbytes]
     return DECODERS[qtype](blocks).reshape(rows, -1)
 
 

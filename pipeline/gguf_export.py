@@ -135,7 +135,8 @@ def check_model(config: dict, uri: str) -> str:
             f"{uri}: GGUF export writes Llama-architecture models ({', '.join(GGUF_ARCH)}), "
             f"not {config.get('model_type')!r}"
         )
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_attention_heads", "vocab_size") if k not in config]
+    keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size")
+    missing = [k for k in keys if k not in config]
     if missing:
         raise LaminaError(f"{uri}/config.json: {', '.join(missing)} missing")
     check_rope(config, uri)
