@@ -34,6 +34,7 @@ from algorithms.packing import unpack
 from algorithms.types import QuantizedWeight
 
 FORMAT = "float"  # lamina's quantization_config "format" of these schemes
+SUFFIXES = ("weight", "weight_packed", "weight_scale", "weight_global_scale", "input_scale", "input_global_scale")
 WEIGHT_KINDS = ("fp8", "nvfp4", "int8")
 STRATEGIES = ("tensor", "channel", "group")
 ACT_STRATEGIES = ("token", "tensor", "group")

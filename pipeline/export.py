@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from algorithms.codebook import CodebookScheme, CodebookWeight
 from algorithms.float_formats import compressed_tensors_float_config, compressed_tensors_float_tensors
+from algorithms.floatq import SUFFIXES as FLOAT
 from algorithms.floatq import FloatScheme, FloatWeight
 from algorithms.formats import (
     aqlm_config,
@@ -60,7 +61,6 @@ MARKER = {  # the suffix that marks a quantized linear
 SAFETENSORS = {torch.float16: "F16", torch.int16: "I16", torch.int32: "I32"}  # safetensors names the vector dtypes so
 QUANTIZED = ("qweight", "scales", "qzeros", "g_idx")  # the native suffixes of a uniform linear
 CODEBOOK = ("codes", "codebooks", "scales")  # the native suffixes of a codebook linear
-FLOAT = ("weight", "weight_packed", "weight_scale", "weight_global_scale", "input_scale", "input_global_scale")
 Scheme = CodebookScheme | VectorScheme | FloatScheme  # the formats whose scheme quantization_config names in fields
 
 

@@ -36,6 +36,7 @@ from algorithms import (
 from algorithms.aqlm import LocalPieces as CodebookPieces
 from algorithms.awq import search_scale
 from algorithms.float_activations import static_input_scale
+from algorithms.floatq import SUFFIXES as FLOAT
 from algorithms.floatq import shared_global_scale
 from algorithms.hessian import input_gram
 from algorithms.quip import quip_rows, rotated
@@ -109,7 +110,6 @@ CODEBOOK_OPS = {  # the steps of each fit that run where the pieces are (see alg
     CodebookScheme: ("sample", "initial_books", "assign", "search", "fit_scales", "terms", "losses"),
     VectorScheme: ("column_sums", "prepare", "sample", "initial_books", "quantize"),
 }
-FLOAT = ("weight", "weight_packed", "weight_scale", "weight_global_scale", "input_scale", "input_global_scale")
 STORED = (
     "qweight",
     "scales",
@@ -563,7 +563,8 @@ class BlockRunner:
         if block != self.index:
             raise RuntimeError(f"asked to smooth block {block}, but block {self.index} is loaded")
         out, device = {}, self.solve_device  # AWQ's search runs where the solves do
-        for group in (g for g in groups if g in self.smoothable(method)):
+        smoothable = self.smoothable(method)
+        for group in (g for g in groups if g in smoothable):
             Ws = [self.layer.get_submodule(name).weight.detach() for name in self.layout.members(group)]
             if method == "awq":
                 H = scaled_hessian(hessians, group, tokens).to(device)
